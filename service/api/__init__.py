@@ -1,0 +1,1 @@
+"""Servicers: validate, open one unit of work, call repositories, convert to messages."""

@@ -1,0 +1,146 @@
+"""How servicer methods become gRPC handlers: raw-bytes parsing, auth, errors, stream writes.
+
+Handlers are registered with no deserializer, so the service parses the request
+itself: bytes that do not parse (or invalid UTF-8) are INVALID_ARGUMENT rather
+than gRPC's own INTERNAL. Every domain error is turned into a status here, and
+anything unexpected becomes INTERNAL with an error id that is also logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import message as protobuf_message
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message_factory import GetMessageClass
+
+from service.auth import Authenticator
+from service.errors import Aborted, DomainError, Internal, InvalidArgument, abort
+
+log = logging.getLogger("service.rpc")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Call:
+    """What a servicer method gets besides its request: the caller and the stream writer."""
+
+    __slots__ = ("_idle_timeout", "caller", "context", "method")
+
+    def __init__(self, context: Context, method: str, caller: str, idle_timeout: float) -> None:
+        self.context = context
+        self.method = method
+        self.caller = caller
+        self._idle_timeout = idle_timeout
+
+    async def send(self, message: protobuf_message.Message, *, resume_token: str) -> None:
+        """Write one stream message; a client that reads nothing for the idle timeout is
+        ended with ABORTED STREAM_STALLED (its last resume token still works)."""
+        try:
+            await asyncio.wait_for(self.context.write(message), self._idle_timeout)
+        except TimeoutError:
+            raise Aborted(
+                "STREAM_STALLED",
+                f"the client read nothing for {self._idle_timeout:g}s; resume with the "
+                "last resume_token received",
+            ) from None
+
+
+Unary = Callable[[Any, Call], Awaitable[protobuf_message.Message]]
+Streaming = Callable[[Any, Call], Awaitable[None]]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def parse(message_class: type[protobuf_message.Message], data: bytes) -> Any:
+    try:
+        return message_class.FromString(data)
+    except (protobuf_message.DecodeError, UnicodeDecodeError, ValueError) as error:
+        raise InvalidArgument.field(
+            "", f"the request does not parse as {message_class.DESCRIPTOR.full_name}"
+        ) from error
+
+
+class HandlerFactory:
+    """Builds generic handlers for a service descriptor from a servicer's snake_case methods."""
+
+    def __init__(self, *, authenticator: Authenticator, idle_timeout: float) -> None:
+        self._auth = authenticator
+        self._idle_timeout = idle_timeout
+
+    def service(self, descriptor: ServiceDescriptor, servicer: object) -> grpc.GenericRpcHandler:
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        for method in descriptor.methods:
+            impl = getattr(servicer, _snake(method.name), None)
+            if impl is None:
+                continue  # not implemented yet: gRPC answers UNIMPLEMENTED
+            request_class = GetMessageClass(method.input_type)
+            response_class = GetMessageClass(method.output_type)
+            full_name = f"/{descriptor.full_name}/{method.name}"
+            if method.server_streaming:
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    self._wrap(full_name, request_class, impl, streaming=True),
+                    request_deserializer=None,
+                    response_serializer=response_class.SerializeToString,
+                )
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self._wrap(full_name, request_class, impl, streaming=False),
+                    request_deserializer=None,
+                    response_serializer=response_class.SerializeToString,
+                )
+        return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+
+    def _wrap(
+        self,
+        method: str,
+        request_class: type[protobuf_message.Message],
+        impl: Callable[[Any, Call], Awaitable[Any]],
+        *,
+        streaming: bool,
+    ) -> Callable[[bytes, Context], Awaitable[Any]]:
+        auth = self._auth
+        idle_timeout = self._idle_timeout
+
+        async def handle(data: bytes, context: Context) -> Any:
+            started = time.perf_counter()
+            caller = "-"
+            try:
+                caller = auth.caller(context.invocation_metadata())
+                request = parse(request_class, data)
+                call = Call(context, method, caller, idle_timeout)
+                result = await impl(request, call)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "%s OK caller=%s %.1fms",
+                        method,
+                        caller,
+                        (time.perf_counter() - started) * 1000,
+                    )
+                return None if streaming else result
+            except DomainError as error:
+                log.info(
+                    "%s %s reason=%s caller=%s %.1fms",
+                    method,
+                    error.code.name,
+                    error.reason,
+                    caller,
+                    (time.perf_counter() - started) * 1000,
+                )
+                await abort(context, error)
+            except Exception:
+                error_id = uuid.uuid4().hex
+                log.exception("%s INTERNAL error_id=%s caller=%s", method, error_id, caller)
+                await abort(context, Internal(error_id))
+            return None
+
+        return handle

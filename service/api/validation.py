@@ -1,0 +1,116 @@
+"""Request validation shared by the servicers: each fault becomes one field violation."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+
+from service.errors import FieldViolation, InvalidArgument
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+MAX_INT64 = 2**63 - 1
+
+_USERNAME = re.compile(r"[a-z0-9_]{3,32}")
+_EMAIL = re.compile(
+    r"(?=.{3,254}$)"
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+)
+_ASCII_UPPER_TO_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(value: str) -> str:
+    """Lower-case ASCII letters only, as the contract says for usernames and tags."""
+    return value.translate(_ASCII_UPPER_TO_LOWER)
+
+
+class Violations:
+    """Collects field violations; `raise_if_any` ends the call with all of them."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+    def text(
+        self,
+        field: str,
+        value: str,
+        *,
+        max_length: int,
+        min_length: int = 0,
+        required: bool = False,
+    ) -> bool:
+        """Length in code points and no NUL; True when the value passed."""
+        if "\x00" in value:
+            self.add(field, "must not contain NUL characters")
+            return False
+        if required and not value:
+            self.add(field, "is required")
+            return False
+        length = len(value)
+        if length > max_length:
+            self.add(field, f"must be at most {max_length} characters (got {length})")
+            return False
+        if value and length < min_length:
+            self.add(field, f"must be at least {min_length} characters (got {length})")
+            return False
+        return True
+
+    def username(self, field: str, value: str) -> str:
+        if not self.text(field, value, max_length=32, required=True):
+            return value
+        lowered = ascii_lower(value)
+        if not _USERNAME.fullmatch(lowered):
+            self.add(field, "must be 3-32 characters of a-z, 0-9 and _")
+        return lowered
+
+    def email(self, field: str, value: str) -> str:
+        if not self.text(field, value, max_length=254, required=True):
+            return value
+        if not _EMAIL.fullmatch(value) or len(value.split("@")[0]) > 64:
+            self.add(field, "must be a valid email address")
+        return value
+
+    def resource_id(self, field: str, value: int) -> None:
+        if value <= 0:
+            self.add(field, "must be a positive id")
+
+    def page_size(self, field: str, value: int) -> int:
+        if value < 0:
+            self.add(field, "must not be negative")
+            return DEFAULT_PAGE_SIZE
+        if value == 0:
+            return DEFAULT_PAGE_SIZE
+        return min(value, MAX_PAGE_SIZE)
+
+    def request_id(self, field: str, value: str) -> str:
+        """A UUID in canonical form, or "" when absent."""
+        if not value:
+            return ""
+        if not self.text(field, value, max_length=36):
+            return ""
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            self.add(field, "must be a UUID")
+            return ""
+
+    def enum(self, field: str, value: int, known: Iterable[int]) -> None:
+        if value not in set(known):
+            self.add(field, f"unknown value {value}")
+
+
+def check_id(field: str, value: int) -> None:
+    """Raise at once for an id of 0 or below (for requests that carry only an id)."""
+    if value <= 0:
+        raise InvalidArgument.field(field, "must be a positive id")

@@ -1,0 +1,87 @@
+"""Settings: read from the environment once, validated at start-up, passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./blog.db"
+    database_read_url: str | None = None
+    grpc_listen: str = "[::]:50051"
+    shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    grpc_max_connection_age: Annotated[float, Field(gt=0)] = 300.0
+
+    db_pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
+    db_max_overflow: Annotated[int, Field(ge=0, le=1000)] = 10
+    db_pool_timeout: Annotated[float, Field(gt=0, le=600)] = 5.0
+    db_pool_recycle: Annotated[float, Field(ge=-1)] = 1800.0
+    db_statement_timeout: Annotated[float, Field(ge=0)] = 30.0
+    db_pgbouncer: bool = False
+    sqlite_busy_timeout: Annotated[float, Field(ge=0)] = 5.0
+
+    stream_max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    stream_idle_timeout: Annotated[float, Field(gt=0)] = 60.0
+    stream_batch_rows: Annotated[int, Field(ge=1, le=1000)] = 1000
+    stream_batch_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    page_token_secret: SecretStr | None = None
+    idempotency_ttl_hours: Annotated[float, Field(gt=0)] = 24.0
+
+    health_check_interval: Annotated[float, Field(gt=0, le=5)] = 1.0
+    health_check_timeout: Annotated[float, Field(gt=0, le=5)] = 1.0
+
+    auth_tokens_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+
+    reflection: bool = True
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @field_validator("database_url", "database_read_url")
+    @classmethod
+    def _known_driver(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("sqlite+aiosqlite:", "postgresql+asyncpg:")):
+            raise ValueError(
+                "must be a sqlite+aiosqlite:// or postgresql+asyncpg:// SQLAlchemy URL"
+            )
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError("must be 'text' or 'json'")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def effective_stream_max_concurrent(self) -> int:
+        """STREAM_MAX_CONCURRENT, by default half the pool (at least one)."""
+        if self.stream_max_concurrent is not None:
+            return self.stream_max_concurrent
+        return max(1, (self.db_pool_size + self.db_max_overflow) // 2)

@@ -1,0 +1,1 @@
+"""Database layer: engine factory, models, and the unit of work."""

@@ -1,0 +1,218 @@
+"""Domain errors and their one mapping to gRPC statuses with rich details (AIP-193)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "blog.v1"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One fault in one request field; `field` is a path relative to the request."""
+
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of every error the service reports on purpose. Never built into a status elsewhere."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def details(self) -> list[object]:
+        """Detail messages besides the ErrorInfo every status carries."""
+        return []
+
+
+class InvalidArgument(DomainError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_FIELD"
+
+    def __init__(
+        self,
+        violations: Sequence[FieldViolation],
+        *,
+        reason: str = "INVALID_FIELD",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        first = violations[0] if violations else FieldViolation("", "invalid request")
+        summary = f"{first.field}: {first.description}" if first.field else first.description
+        if len(violations) > 1:
+            summary += f" (and {len(violations) - 1} more)"
+        super().__init__(summary, metadata=metadata)
+        self.violations = list(violations)
+        self.reason = reason
+
+    @classmethod
+    def field(
+        cls, field: str, description: str, *, reason: str = "INVALID_FIELD"
+    ) -> InvalidArgument:
+        return cls([FieldViolation(field, description)], reason=reason)
+
+    def details(self) -> list[object]:
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+        ]
+
+
+class NotFound(DomainError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+    def __init__(self, resource_type: str, resource_id: object) -> None:
+        super().__init__(
+            f"{resource_type} {resource_id} not found",
+            metadata={"resource_type": resource_type, "id": str(resource_id)},
+        )
+        self.resource_type = resource_type
+        self.resource_name = f"{resource_type.lower()}s/{resource_id}"
+
+    def details(self) -> list[object]:
+        return [
+            error_details_pb2.ResourceInfo(
+                resource_type=f"{DOMAIN}.{self.resource_type}",
+                resource_name=self.resource_name,
+                description="no such resource",
+            )
+        ]
+
+
+class AlreadyExists(DomainError):
+    """A unique clash (USERNAME_TAKEN, EMAIL_TAKEN) or an undelete of a live user."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+    def __init__(
+        self, reason: str, message: str, *, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.reason = reason
+
+
+class FailedPrecondition(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, reason: str, *, subject: str, description: str) -> None:
+        super().__init__(description, metadata={"subject": subject})
+        self.reason = reason
+        self.subject = subject
+
+    def details(self) -> list[object]:
+        return [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=self.reason, subject=self.subject, description=self.message
+                    )
+                ]
+            )
+        ]
+
+
+class Aborted(DomainError):
+    """ETAG_MISMATCH or STREAM_STALLED: the caller may read again and retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(
+        self, reason: str, message: str, *, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.reason = reason
+
+
+class Unavailable(DomainError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(
+        self, message: str = "the database is unavailable; retry", *, retry_after: float = 1.0
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def details(self) -> list[object]:
+        seconds = int(self.retry_after)
+        nanos = int((self.retry_after - seconds) * 1e9)
+        return [
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos)
+            )
+        ]
+
+
+class ResourceExhausted(DomainError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "TOO_MANY_STREAMS"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def details(self) -> list[object]:
+        seconds = int(self.retry_after)
+        return [error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds))]
+
+
+class Unauthenticated(DomainError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class DeadlineExceeded(DomainError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Internal(DomainError):
+    """Anything unexpected. The message is generic; the error id is also logged."""
+
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(
+            f"internal error; quote error id {error_id}", metadata={"error_id": error_id}
+        )
+        self.error_id = error_id
+
+
+def to_grpc_status(error: DomainError) -> grpc.Status:
+    """The status for a domain error: ErrorInfo first, then the type's own details."""
+    details: list[any_pb2.Any] = []
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    for message in [info, *error.details()]:
+        packed = any_pb2.Any()
+        packed.Pack(message)
+        details.append(packed)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code.name), message=error.message, details=details
+    )
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+async def abort(context: grpc.aio.ServicerContext[object, object], error: DomainError) -> None:
+    """End the call with the error's status; never returns (grpc raises AbortError)."""
+    status = to_grpc_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)

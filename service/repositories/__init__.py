@@ -1,0 +1,1 @@
+"""Repositories: one module per aggregate; SQL lives here and nowhere else."""

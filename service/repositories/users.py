@@ -1,0 +1,238 @@
+"""Users: SQL for the user aggregate (soft delete, optimistic versions, keyset reads)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeAlias
+
+from sqlalchemy import ColumnElement, Row, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db.models import Post, User
+from service.db.types import utcnow
+from service.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from service.repositories.keyset import Ordering
+
+USER_COLUMNS = (
+    User.id,
+    User.username,
+    User.email,
+    User.display_name,
+    User.bio,
+    User.create_time,
+    User.update_time,
+    User.delete_time,
+    User.version,
+)
+
+ORDERABLE: Mapping[str, Any] = {
+    "id": User.id,
+    "username": User.username,
+    "create_time": User.create_time,
+}
+DEFAULT_ORDER = "id"
+
+UserRow: TypeAlias = Row[*tuple[Any, ...]]
+
+
+def normalize_email(email: str) -> str:
+    return email.lower()
+
+
+class UserRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def create(self, values: Mapping[str, Any]) -> UserRow:
+        return (await self.create_many([values]))[0]
+
+    async def create_many(self, entries: Sequence[Mapping[str, Any]]) -> list[UserRow]:
+        """Insert in one statement batch (insertmanyvalues); rows come back in order."""
+        now = utcnow()
+        params = [
+            {
+                "username": e["username"],
+                "email": e["email"],
+                "email_normalized": normalize_email(e["email"]),
+                "display_name": e.get("display_name", ""),
+                "bio": e.get("bio", ""),
+                "create_time": now,
+                "update_time": now,
+                "version": 1,
+            }
+            for e in entries
+        ]
+        stmt = insert(User).returning(*USER_COLUMNS, sort_by_parameter_order=True)
+        result = await self._session.execute(stmt, params)
+        return list(result.all())
+
+    async def find_live_clashes(
+        self, usernames: Sequence[str], emails: Sequence[str]
+    ) -> tuple[set[str], set[str]]:
+        """Which of these usernames and (normalised) emails live users already hold."""
+        normalized = [normalize_email(e) for e in emails]
+        rows = await self._session.execute(
+            select(User.username, User.email_normalized).where(
+                User.delete_time.is_(None),
+                (User.username.in_(usernames)) | (User.email_normalized.in_(normalized)),
+            )
+        )
+        taken_names: set[str] = set()
+        taken_emails: set[str] = set()
+        names, mails = set(usernames), set(normalized)
+        for row in rows:
+            if row.username in names:
+                taken_names.add(row.username)
+            if row.email_normalized in mails:
+                taken_emails.add(row.email_normalized)
+        return taken_names, taken_emails
+
+    async def get(self, user_id: int) -> UserRow | None:
+        result = await self._session.execute(select(*USER_COLUMNS).where(User.id == user_id))
+        return result.first()
+
+    async def require(self, user_id: int) -> UserRow:
+        row = await self.get(user_id)
+        if row is None:
+            raise NotFound("User", user_id)
+        return row
+
+    async def lock_live(self, user_id: int) -> bool:
+        """Share-lock a live user for the transaction, so it cannot be deleted meanwhile."""
+        stmt = select(User.id).where(User.id == user_id, User.delete_time.is_(None))
+        if self._session.get_bind().dialect.name == "postgresql":
+            stmt = stmt.with_for_update(read=True)
+        return (await self._session.execute(stmt)).first() is not None
+
+    def _select(
+        self, *, where: ColumnElement[bool] | None, show_deleted: bool, ordering: Ordering
+    ) -> Any:
+        stmt = select(*USER_COLUMNS)
+        if not show_deleted:
+            stmt = stmt.where(User.delete_time.is_(None))
+        if where is not None:
+            stmt = stmt.where(where)
+        return stmt.order_by(*ordering.clauses())
+
+    async def list_page(
+        self,
+        *,
+        where: ColumnElement[bool] | None,
+        show_deleted: bool,
+        ordering: Ordering,
+        after: Sequence[Any] | None,
+        limit: int,
+    ) -> list[UserRow]:
+        stmt = self._select(where=where, show_deleted=show_deleted, ordering=ordering)
+        if after is not None:
+            stmt = stmt.where(ordering.after(after))
+        result = await self._session.execute(stmt.limit(limit))
+        return list(result.all())
+
+    async def stream(
+        self,
+        *,
+        where: ColumnElement[bool] | None,
+        show_deleted: bool,
+        ordering: Ordering,
+        after: Sequence[Any] | None,
+        batch_size: int,
+    ) -> AsyncGenerator[Sequence[UserRow]]:
+        """Batches of rows from a server-side cursor; close it with contextlib.aclosing."""
+        stmt = self._select(where=where, show_deleted=show_deleted, ordering=ordering)
+        if after is not None:
+            stmt = stmt.where(ordering.after(after))
+        result = await self._session.stream(stmt.execution_options(yield_per=batch_size))
+        try:
+            async for partition in result.partitions():
+                yield partition
+        finally:
+            await result.close()
+
+    async def post_counts(self, user_ids: Sequence[int]) -> dict[int, int]:
+        """Posts per user for a whole page or batch, in one aggregate query."""
+        if not user_ids:
+            return {}
+        rows = await self._session.execute(
+            select(Post.author_id, func.count())
+            .where(Post.author_id.in_(user_ids))
+            .group_by(Post.author_id)
+        )
+        return dict(rows.tuples())
+
+    async def update(
+        self, user_id: int, values: Mapping[str, Any], *, expected_version: int | None
+    ) -> UserRow:
+        """Update a live user, guarded by its version when one is expected."""
+        changes = dict(values)
+        if "email" in changes:
+            changes["email_normalized"] = normalize_email(changes["email"])
+        return await self._guarded_update(
+            user_id,
+            changes,
+            expected_version=expected_version,
+            live=True,
+        )
+
+    async def soft_delete(self, user_id: int, *, expected_version: int | None) -> UserRow:
+        return await self._guarded_update(
+            user_id, {"delete_time": utcnow()}, expected_version=expected_version, live=True
+        )
+
+    async def undelete(self, user_id: int) -> UserRow:
+        return await self._guarded_update(
+            user_id, {"delete_time": None}, expected_version=None, live=False
+        )
+
+    async def _guarded_update(
+        self,
+        user_id: int,
+        changes: Mapping[str, Any],
+        *,
+        expected_version: int | None,
+        live: bool,
+    ) -> UserRow:
+        now: datetime = utcnow()
+        stmt = (
+            update(User)
+            .where(User.id == user_id)
+            .where(User.delete_time.is_(None) if live else User.delete_time.is_not(None))
+            .values(**changes, update_time=now, version=User.version + 1)
+            .returning(*USER_COLUMNS)
+        )
+        if expected_version is not None:
+            stmt = stmt.where(User.version == expected_version)
+        row = (await self._session.execute(stmt)).first()
+        if row is not None:
+            return row
+        # Nothing matched: find out why, in the same transaction.
+        current = await self.get(user_id)
+        if current is None:
+            raise NotFound("User", user_id)
+        if live and current.delete_time is not None:
+            if "delete_time" in changes:
+                raise NotFound("User", user_id)  # deleting a deleted user (AIP-164)
+            raise FailedPrecondition(
+                "USER_DELETED", subject=f"users/{user_id}", description="the user is deleted"
+            )
+        if not live and current.delete_time is None:
+            raise AlreadyExists("USER_NOT_DELETED", "the user is not deleted")
+        raise Aborted(
+            "ETAG_MISMATCH",
+            "the etag does not match the user's current etag; read it again",
+            metadata={"current_etag": etag_of(current.version)},
+        )
+
+
+def etag_of(version: int) -> str:
+    """The etag of a row at a version. Opaque to callers; changes on every write."""
+    return f"v{version}"
+
+
+def version_of(etag: str) -> int:
+    """The version an etag names; -1 (matches nothing) when it is not one of ours."""
+    digits = etag[1:]
+    if etag.startswith("v") and digits.isascii() and digits.isdigit() and len(digits) < 19:
+        return int(digits)
+    return -1

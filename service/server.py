@@ -1,0 +1,183 @@
+"""Builds and runs the gRPC server: handlers, health, reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from blog.v1 import post_pb2, user_pb2
+from service.api.posts import PostServicer
+from service.api.rpc import HandlerFactory
+from service.api.streams import StreamLimiter
+from service.api.users import UserServicer
+from service.auth import Authenticator
+from service.config import Settings
+from service.db.migrations import SchemaState, schema_status, upgrade
+from service.db.uow import Database
+from service.health import NOT_SERVING, SERVING, ReadinessMonitor
+from service.repositories.token_keys import TokenKeyRepository
+from service.tokens import TokenCodec
+
+log = logging.getLogger(__name__)
+
+USER_SERVICE = user_pb2.DESCRIPTOR.services_by_name["UserService"]
+POST_SERVICE = post_pb2.DESCRIPTOR.services_by_name["PostService"]
+READINESS_SERVICES = (USER_SERVICE.full_name, POST_SERVICE.full_name)
+
+
+class SchemaBehindError(RuntimeError):
+    pass
+
+
+def server_options(settings: Settings, *, reuse_port: bool) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace * 1000)),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+@dataclass
+class BlogServer:
+    """One server: its database, servicers and gRPC server. `start`, then `stop`."""
+
+    settings: Settings
+    reuse_port: bool = False
+    port: int = 0
+    db: Database = field(init=False)
+    health: health.aio.HealthServicer = field(init=False)
+    _server: grpc.aio.Server | None = field(default=None, init=False)
+    _readiness: ReadinessMonitor | None = field(default=None, init=False)
+
+    async def start(self, *, migrate: bool = False) -> None:
+        settings = self.settings
+        self.db = Database(settings)
+        try:
+            await self._check_schema(migrate=migrate)
+            tokens = await self._token_codec()
+        except BaseException:
+            await self.db.dispose()
+            raise
+        streams = StreamLimiter(settings.effective_stream_max_concurrent)
+        factory = HandlerFactory(
+            authenticator=Authenticator.from_file(settings.auth_tokens_file),
+            idle_timeout=settings.stream_idle_timeout,
+        )
+        users = UserServicer(db=self.db, tokens=tokens, streams=streams, settings=settings)
+        posts = PostServicer(db=self.db, tokens=tokens, streams=streams, settings=settings)
+        server = grpc.aio.server(options=server_options(settings, reuse_port=self.reuse_port))
+        server.add_generic_rpc_handlers(
+            [
+                factory.service(USER_SERVICE, users),
+                factory.service(POST_SERVICE, posts),
+            ]
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (*READINESS_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        self.port = self._bind(server)
+        self._server = server
+        await server.start()
+        await self.health.set("", SERVING)
+        for name in READINESS_SERVICES:
+            await self.health.set(name, NOT_SERVING)
+        self._readiness = ReadinessMonitor(settings, self.health, READINESS_SERVICES)
+        await self._readiness.start()
+        log.info(
+            "serving on %s (port %d), database %s",
+            settings.grpc_listen,
+            self.port,
+            self.db.engine.url.render_as_string(hide_password=True),
+        )
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        settings = self.settings
+        if settings.tls_cert_file is None or settings.tls_key_file is None:
+            port = server.add_insecure_port(settings.grpc_listen)
+        else:
+            client_ca = (
+                settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+            )
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = server.add_secure_port(settings.grpc_listen, credentials)
+        if port == 0:
+            raise OSError(f"could not listen on {settings.grpc_listen}")
+        return port
+
+    async def _check_schema(self, *, migrate: bool) -> None:
+        if migrate:
+            await upgrade(self.db.engine)
+        status = await schema_status(self.db.engine)
+        if status.state is SchemaState.BEHIND:
+            raise SchemaBehindError(
+                f"the database schema is behind (at {list(status.database) or 'nothing'}, "
+                f"this release needs {list(status.code)}): run `python -m service migrate` "
+                "or start with `serve --migrate`"
+            )
+        if status.state is SchemaState.AHEAD:
+            log.warning(
+                "the database schema %s is ahead of this release %s; continuing "
+                "(migrations are expand/contract)",
+                list(status.database),
+                list(status.code),
+            )
+
+    async def _token_codec(self) -> TokenCodec:
+        async def load_db_keys() -> list[tuple[str, bytes]]:
+            async with self.db.unit_of_work("read") as session:
+                return await TokenKeyRepository(session).all()
+
+        env_keys: list[tuple[str, bytes]] = []
+        if self.settings.page_token_secret is not None:
+            env_keys = TokenCodec.env_keys(self.settings.page_token_secret.get_secret_value())
+        if not env_keys:
+            async with self.db.unit_of_work() as session:
+                await TokenKeyRepository(session).ensure_default()
+        db_keys = await load_db_keys()
+
+        async def reload() -> list[tuple[str, bytes]]:
+            return [*env_keys, *(await load_db_keys())]
+
+        return TokenCodec([*env_keys, *db_keys], reload)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, give calls in flight the grace, dispose."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        if self._readiness is not None:
+            await self._readiness.stop()
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
+        await self.db.dispose()
+
+
+async def serve(settings: Settings, *, migrate: bool = False, reuse_port: bool = False) -> None:
+    """Run until SIGTERM or SIGINT, then drain within SHUTDOWN_GRACE."""
+    server = BlogServer(settings, reuse_port=reuse_port)
+    await server.start(migrate=migrate)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: draining for up to %gs", settings.shutdown_grace)
+    await server.stop()
+    log.info("stopped")
