@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
-from service.api.streams import StreamLimiter
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import empty_pb2
+
+from blog.v1 import post_pb2
+from service.api.convert import to_post_message
+from service.api.query import QuerySpec
+from service.api.rpc import Call
+from service.api.streams import StreamLimiter, send_batches
+from service.api.validation import Violations, check_id, masked_fields, request_digest
 from service.config import Settings
+from service.db.models import Post
 from service.db.uow import Database
+from service.errors import FailedPrecondition, InvalidArgument
+from service.filtering import FieldKind, FilterField, substring_has
+from service.repositories.idempotency import IdempotencyKey, IdempotencyRepository
+from service.repositories.posts import DEFAULT_ORDER, ORDERABLE, PostRepository, has_tag
+from service.repositories.users import UserRepository, version_of
 from service.tokens import TokenCodec
+
+MUTABLE = ("title", "body", "tags")
+IMMUTABLE = ("author_id",)
+OUTPUT_ONLY = ("id", "create_time", "update_time", "etag", "author")
+FULL = post_pb2.POST_VIEW_FULL
+VIEWS = (post_pb2.POST_VIEW_UNSPECIFIED, post_pb2.POST_VIEW_BASIC, post_pb2.POST_VIEW_FULL)
+
+FILTERABLE: dict[str, FilterField] = {
+    "id": FilterField(FieldKind.INT, Post.id),
+    "author_id": FilterField(FieldKind.INT, Post.author_id),
+    "title": FilterField(FieldKind.STRING, Post.title, substring_has(Post.title)),
+    "create_time": FilterField(FieldKind.TIMESTAMP, Post.create_time),
+    "update_time": FilterField(FieldKind.TIMESTAMP, Post.update_time),
+    "tags": FilterField(FieldKind.STRING, None, has_tag),
+}
+QUERY = QuerySpec("posts", FILTERABLE, ORDERABLE, DEFAULT_ORDER)
 
 
 class PostServicer:
@@ -16,3 +48,183 @@ class PostServicer:
         self._tokens = tokens
         self._streams = streams
         self._settings = settings
+
+    # -- validation -------------------------------------------------------------------
+
+    @staticmethod
+    def _post_fields(
+        violations: Violations, post: post_pb2.Post, fields: tuple[str, ...]
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        if "title" in fields and violations.text(
+            "post.title", post.title, max_length=200, min_length=1, required=True
+        ):
+            values["title"] = post.title
+        if "body" in fields and violations.text("post.body", post.body, max_length=100_000):
+            values["body"] = post.body
+        if "tags" in fields:
+            values["tags"] = violations.tags("post.tags", post.tags)
+        return values
+
+    @staticmethod
+    def _view(violations: Violations, view: int) -> bool:
+        violations.enum("view", view, VIEWS)
+        return view == FULL
+
+    # -- methods ----------------------------------------------------------------------
+
+    async def create_post(self, request: post_pb2.CreatePostRequest, call: Call) -> post_pb2.Post:
+        violations = Violations()
+        post = request.post
+        violations.resource_id("post.author_id", post.author_id)
+        values = self._post_fields(violations, post, MUTABLE)
+        request_id = violations.request_id("request_id", request.request_id)
+        violations.raise_if_any()
+        tags: list[str] = values.pop("tags")
+        async with self._db.unit_of_work() as session:
+            repo = PostRepository(session)
+            if request_id:
+                key = IdempotencyKey(call.caller, call.method, request_id)
+                digest = request_digest({"author_id": post.author_id, "tags": tags, **values})
+                records = IdempotencyRepository(session)
+                prior = await records.claim(key, digest)
+                if prior is not None:
+                    if prior.request_hash != digest:
+                        raise InvalidArgument.field(
+                            "request_id",
+                            "was already used with a different request",
+                            reason="REQUEST_ID_REUSED",
+                        )
+                    existing = await repo.get(prior.resource_id, full=False)
+                    found = await repo.tags_of([existing.id])
+                    return to_post_message(existing, found.get(existing.id, []), full=False)
+            # Share-lock the author so a concurrent DeleteUser cannot slip in between.
+            if not await UserRepository(session).lock_live(post.author_id):
+                raise FailedPrecondition(
+                    "AUTHOR_NOT_LIVE",
+                    subject=f"users/{post.author_id}",
+                    description=f"author_id {post.author_id} names no live user",
+                )
+            row = await repo.create(
+                author_id=post.author_id, title=values["title"], body=values["body"], tags=tags
+            )
+            if request_id:
+                await records.record(key, row.id)
+        return to_post_message(row, tags, full=False)
+
+    async def get_post(self, request: post_pb2.GetPostRequest, call: Call) -> post_pb2.Post:
+        violations = Violations()
+        violations.resource_id("id", request.id)
+        full = self._view(violations, request.view)
+        violations.raise_if_any()
+        async with self._db.unit_of_work("snapshot") as session:
+            repo = PostRepository(session)
+            row = await repo.get(request.id, full=full)
+            tags = await repo.tags_of([row.id])
+        return to_post_message(row, tags.get(row.id, []), full=full)
+
+    async def list_posts(
+        self, request: post_pb2.ListPostsRequest, call: Call
+    ) -> post_pb2.ListPostsResponse:
+        violations = Violations()
+        page_size = violations.page_size("page_size", request.page_size)
+        full = self._view(violations, request.view)
+        query = await QUERY.parse(
+            violations,
+            self._tokens,
+            filter_text=request.filter,
+            order_by=request.order_by,
+            token=request.page_token,
+            token_field="page_token",
+        )
+        async with self._db.unit_of_work("snapshot") as session:
+            repo = PostRepository(session)
+            rows = await repo.list_page(
+                full=full,
+                where=query.where,
+                ordering=query.ordering,
+                after=query.after,
+                limit=page_size + 1,
+            )
+            more = len(rows) > page_size
+            rows = rows[:page_size]
+            tags = await repo.tags_of([r.id for r in rows])
+        response = post_pb2.ListPostsResponse(
+            posts=[to_post_message(r, tags.get(r.id, []), full=full) for r in rows]
+        )
+        if more:
+            response.next_page_token = QUERY.token(self._tokens, query, "page_token", rows[-1])
+        return response
+
+    async def update_post(self, request: post_pb2.UpdatePostRequest, call: Call) -> post_pb2.Post:
+        violations = Violations()
+        post = request.post
+        violations.resource_id("post.id", post.id)
+        fields = masked_fields(
+            violations,
+            request.update_mask.paths,
+            post,
+            mutable=MUTABLE,
+            immutable=IMMUTABLE,
+            output_only=OUTPUT_ONLY,
+        )
+        values = self._post_fields(violations, post, fields)
+        violations.text("post.etag", post.etag, max_length=64)
+        violations.raise_if_any()
+        tags: list[str] | None = values.pop("tags", None)
+        expected = version_of(post.etag) if post.etag else None
+        async with self._db.unit_of_work() as session:
+            repo = PostRepository(session)
+            row = await repo.update(post.id, values, tags=tags, expected_version=expected)
+            if tags is None:
+                tags = (await repo.tags_of([row.id])).get(row.id, [])
+        return to_post_message(row, tags, full=False)
+
+    async def delete_post(self, request: post_pb2.DeletePostRequest, call: Call) -> empty_pb2.Empty:
+        check_id("id", request.id)
+        violations = Violations()
+        violations.text("etag", request.etag, max_length=64)
+        violations.raise_if_any()
+        expected = version_of(request.etag) if request.etag else None
+        async with self._db.unit_of_work() as session:
+            await PostRepository(session).delete(request.id, expected_version=expected)
+        return empty_pb2.Empty()
+
+    async def stream_posts(self, request: post_pb2.StreamPostsRequest, call: Call) -> None:
+        violations = Violations()
+        full = self._view(violations, request.view)
+        query = await QUERY.parse(
+            violations,
+            self._tokens,
+            filter_text=request.filter,
+            order_by=request.order_by,
+            token=request.resume_token,
+            token_field="resume_token",
+            bound_to=(FULL if full else post_pb2.POST_VIEW_BASIC,),
+        )
+        settings = self._settings
+        with self._streams.slot():
+            async with self._db.unit_of_work("snapshot") as session:
+                repo = PostRepository(session)
+
+                async def render(rows: Sequence[Any]) -> list[post_pb2.Post]:
+                    tags = await repo.tags_of([r.id for r in rows])
+                    return [to_post_message(r, tags.get(r.id, []), full=full) for r in rows]
+
+                await send_batches(
+                    call,
+                    repo.stream(
+                        full=full,
+                        where=query.where,
+                        ordering=query.ordering,
+                        after=query.after,
+                        batch_size=settings.stream_batch_rows,
+                    ),
+                    render=render,
+                    respond=lambda chunk, token: post_pb2.StreamPostsResponse(
+                        posts=chunk, resume_token=token
+                    ),
+                    token_of=lambda row: QUERY.token(self._tokens, query, "resume_token", row),
+                    max_rows=settings.stream_batch_rows,
+                    max_bytes=settings.stream_batch_bytes,
+                )

@@ -40,7 +40,7 @@ class Call:
         self.caller = caller
         self._idle_timeout = idle_timeout
 
-    async def send(self, message: protobuf_message.Message, *, resume_token: str) -> None:
+    async def send(self, message: protobuf_message.Message) -> None:
         """Write one stream message; a client that reads nothing for the idle timeout is
         ended with ABORTED STREAM_STALLED (its last resume token still works)."""
         try:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing, contextmanager
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
+from service.api.rpc import Call
 from service.errors import ResourceExhausted
 
 M = TypeVar("M", bound=Message)
@@ -51,3 +52,27 @@ def chunks(
         last = row
     if chunk:
         yield chunk, last
+
+
+async def send_batches(
+    call: Call,
+    batches: AsyncGenerator[Sequence[Any]],
+    *,
+    render: Callable[[Sequence[Any]], Awaitable[list[M]]],
+    respond: Callable[[list[M], str], Message],
+    token_of: Callable[[Any], str],
+    max_rows: int,
+    max_bytes: int,
+) -> None:
+    """Send each fetched batch as one or more messages, each with its resume token.
+
+    `aclosing` matters: when the client cancels or its deadline passes, the
+    CancelledError lands here, and the generator's `finally` must close the cursor
+    at once so the connection goes back to the pool.
+    """
+    async with aclosing(batches):
+        async for rows in batches:
+            messages = await render(rows)
+            for chunk, last in chunks(messages, rows, max_rows=max_rows, max_bytes=max_bytes):
+                token = token_of(last)
+                await call.send(respond(chunk, token))

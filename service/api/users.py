@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from contextlib import aclosing
+from collections.abc import Sequence
 from typing import Any
 
 from blog.v1 import user_pb2
 from service.api.convert import to_user_message
+from service.api.query import QuerySpec
 from service.api.rpc import Call
-from service.api.streams import StreamLimiter, chunks
-from service.api.validation import Violations, check_id
+from service.api.streams import StreamLimiter, send_batches
+from service.api.validation import Violations, check_id, masked_fields, request_digest
 from service.config import Settings
 from service.db.models import User
 from service.db.uow import Database
 from service.errors import AlreadyExists, InvalidArgument
-from service.filtering import FieldKind, FilterError, FilterField, compile_filter, substring_has
+from service.filtering import FieldKind, FilterField, substring_has
 from service.repositories.idempotency import IdempotencyKey, IdempotencyRepository
-from service.repositories.keyset import Ordering, parse_order_by
 from service.repositories.users import (
     DEFAULT_ORDER,
     ORDERABLE,
@@ -26,7 +24,7 @@ from service.repositories.users import (
     normalize_email,
     version_of,
 )
-from service.tokens import TokenCodec, binding_of
+from service.tokens import TokenCodec
 
 MAX_BATCH = 1000
 MUTABLE = ("username", "email", "display_name", "bio")
@@ -44,6 +42,7 @@ FILTERABLE: dict[str, FilterField] = {
     "create_time": FilterField(FieldKind.TIMESTAMP, User.create_time),
     "update_time": FilterField(FieldKind.TIMESTAMP, User.update_time),
 }
+QUERY = QuerySpec("users", FILTERABLE, ORDERABLE, DEFAULT_ORDER)
 
 
 class UserServicer:
@@ -79,23 +78,6 @@ class UserServicer:
         violations.enum("view", view, VIEWS)
         return view == FULL
 
-    def _query(
-        self, violations: Violations, *, filter_text: str, order_by: str
-    ) -> tuple[Any, Ordering | None]:
-        where = None
-        ordering = None
-        if violations.text("filter", filter_text, max_length=2048):
-            try:
-                where = compile_filter(filter_text, FILTERABLE)
-            except FilterError as error:
-                violations.add("filter", str(error))
-        if violations.text("order_by", order_by, max_length=256):
-            try:
-                ordering = parse_order_by(order_by, columns=ORDERABLE, default=DEFAULT_ORDER)
-            except InvalidArgument as error:
-                violations.items.extend(error.violations)
-        return where, ordering
-
     # -- methods ----------------------------------------------------------------------
 
     async def create_user(self, request: user_pb2.CreateUserRequest, call: Call) -> user_pb2.User:
@@ -108,7 +90,7 @@ class UserServicer:
                 users = UserRepository(session)
                 if request_id:
                     key = IdempotencyKey(call.caller, call.method, request_id)
-                    digest = _digest(values)
+                    digest = request_digest(values)
                     records = IdempotencyRepository(session)
                     prior = await records.claim(key, digest)
                     if prior is not None:
@@ -184,49 +166,43 @@ class UserServicer:
         violations = Violations()
         page_size = violations.page_size("page_size", request.page_size)
         full = self._view(violations, request.view)
-        where, ordering = self._query(
-            violations, filter_text=request.filter, order_by=request.order_by
+        query = await QUERY.parse(
+            violations,
+            self._tokens,
+            filter_text=request.filter,
+            order_by=request.order_by,
+            token=request.page_token,
+            token_field="page_token",
+            bound_to=(request.show_deleted,),
         )
-        violations.text("page_token", request.page_token, max_length=4096)
-        violations.raise_if_any()
-        assert ordering is not None
-        binding = binding_of(request.filter, ordering.canonical, request.show_deleted)
-        after = None
-        if request.page_token:
-            after = await self._tokens.decode(
-                request.page_token, kind="users.list", binding=binding, field="page_token"
-            )
-            if len(after) != len(ordering.keys):
-                raise InvalidArgument.field("page_token", "the token is not valid")
         async with self._db.unit_of_work("snapshot" if full else "read") as session:
             users = UserRepository(session)
             rows = await users.list_page(
-                where=where,
+                where=query.where,
                 show_deleted=request.show_deleted,
-                ordering=ordering,
-                after=after,
+                ordering=query.ordering,
+                after=query.after,
                 limit=page_size + 1,
             )
             more = len(rows) > page_size
             rows = rows[:page_size]
             counts = await users.post_counts([r.id for r in rows]) if full else None
-        response = user_pb2.ListUsersResponse(
-            users=[
-                to_user_message(r, post_count=counts.get(r.id, 0) if counts is not None else None)
-                for r in rows
-            ]
-        )
+        response = user_pb2.ListUsersResponse(users=_render(rows, counts))
         if more:
-            response.next_page_token = self._tokens.encode(
-                "users.list", binding, ordering.position_of(rows[-1])
-            )
+            response.next_page_token = QUERY.token(self._tokens, query, "page_token", rows[-1])
         return response
 
     async def update_user(self, request: user_pb2.UpdateUserRequest, call: Call) -> user_pb2.User:
         violations = Violations()
         user = request.user
         violations.resource_id("user.id", user.id)
-        fields = _masked_fields(violations, request, user)
+        fields = masked_fields(
+            violations,
+            request.update_mask.paths,
+            user,
+            mutable=MUTABLE,
+            output_only=OUTPUT_ONLY,
+        )
         values = self._user_fields(violations, user, "user", fields)
         violations.text("user.etag", user.etag, max_length=64)
         violations.raise_if_any()
@@ -263,80 +239,47 @@ class UserServicer:
     async def stream_users(self, request: user_pb2.StreamUsersRequest, call: Call) -> None:
         violations = Violations()
         full = self._view(violations, request.view)
-        where, ordering = self._query(
-            violations, filter_text=request.filter, order_by=request.order_by
+        query = await QUERY.parse(
+            violations,
+            self._tokens,
+            filter_text=request.filter,
+            order_by=request.order_by,
+            token=request.resume_token,
+            token_field="resume_token",
+            bound_to=(request.show_deleted, FULL if full else user_pb2.USER_VIEW_BASIC),
         )
-        violations.text("resume_token", request.resume_token, max_length=4096)
-        violations.raise_if_any()
-        assert ordering is not None
-        view = FULL if full else user_pb2.USER_VIEW_BASIC
-        binding = binding_of(request.filter, ordering.canonical, request.show_deleted, view)
-        after = None
-        if request.resume_token:
-            after = await self._tokens.decode(
-                request.resume_token, kind="users.stream", binding=binding, field="resume_token"
-            )
-            if len(after) != len(ordering.keys):
-                raise InvalidArgument.field("resume_token", "the token is not valid")
         settings = self._settings
         with self._streams.slot():
             async with self._db.unit_of_work("snapshot") as session:
                 users = UserRepository(session)
-                batches = users.stream(
-                    where=where,
-                    show_deleted=request.show_deleted,
-                    ordering=ordering,
-                    after=after,
-                    batch_size=settings.stream_batch_rows,
+
+                async def render(rows: Sequence[Any]) -> list[user_pb2.User]:
+                    counts = await users.post_counts([r.id for r in rows]) if full else None
+                    return _render(rows, counts)
+
+                await send_batches(
+                    call,
+                    users.stream(
+                        where=query.where,
+                        show_deleted=request.show_deleted,
+                        ordering=query.ordering,
+                        after=query.after,
+                        batch_size=settings.stream_batch_rows,
+                    ),
+                    render=render,
+                    respond=lambda chunk, token: user_pb2.StreamUsersResponse(
+                        users=chunk, resume_token=token
+                    ),
+                    token_of=lambda row: QUERY.token(self._tokens, query, "resume_token", row),
+                    max_rows=settings.stream_batch_rows,
+                    max_bytes=settings.stream_batch_bytes,
                 )
-                async with aclosing(batches):
-                    async for rows in batches:
-                        counts = await users.post_counts([r.id for r in rows]) if full else None
-                        messages = [
-                            to_user_message(
-                                r, post_count=counts.get(r.id, 0) if counts is not None else None
-                            )
-                            for r in rows
-                        ]
-                        for chunk, last in chunks(
-                            messages,
-                            rows,
-                            max_rows=settings.stream_batch_rows,
-                            max_bytes=settings.stream_batch_bytes,
-                        ):
-                            token = self._tokens.encode(
-                                "users.stream", binding, ordering.position_of(last)
-                            )
-                            await call.send(
-                                user_pb2.StreamUsersResponse(users=chunk, resume_token=token),
-                                resume_token=token,
-                            )
 
 
-def _masked_fields(
-    violations: Violations, request: user_pb2.UpdateUserRequest, user: user_pb2.User
-) -> tuple[str, ...]:
-    """AIP-134: the mask's paths; `*` for all mutable fields; no mask, the non-default ones."""
-    paths = list(request.update_mask.paths)
-    if not paths:
-        chosen = tuple(f for f in MUTABLE if getattr(user, f))
-        if not chosen:
-            violations.add("update_mask", "names no field to update and no field is set")
-        return chosen
-    if paths == ["*"]:
-        return MUTABLE
-    chosen_list: list[str] = []
-    for path in paths:
-        if path in MUTABLE:
-            if path not in chosen_list:
-                chosen_list.append(path)
-        elif path in OUTPUT_ONLY:
-            violations.add("update_mask", f"'{path}' is output only")
-        elif path == "*":
-            violations.add("update_mask", "'*' must be the only path")
-        else:
-            violations.add("update_mask", f"unknown field '{path[:64]}'")
-    return tuple(chosen_list)
+def _render(rows: Sequence[Any], counts: dict[int, int] | None) -> list[user_pb2.User]:
+    if counts is None:
+        return [to_user_message(r) for r in rows]
+    return [to_user_message(r, post_count=counts.get(r.id, 0)) for r in rows]
 
 
 def _reject_duplicates_within(entries: list[dict[str, Any]]) -> None:
@@ -358,7 +301,3 @@ def _taken(reason: str, index: int, *, within: bool = False) -> AlreadyExists:
     return AlreadyExists(
         reason, f"requests[{index}]: the {what} is taken by {where}", metadata={"index": str(index)}
     )
-
-
-def _digest(values: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()

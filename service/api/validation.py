@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf.message import Message
 
 from service.errors import FieldViolation, InvalidArgument
 
@@ -18,6 +23,8 @@ _EMAIL = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
 )
+_TAG = re.compile(r"[a-z0-9-]{1,32}")
+MAX_TAGS = 20
 _ASCII_UPPER_TO_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -81,6 +88,22 @@ class Violations:
             self.add(field, "must be a valid email address")
         return value
 
+    def tags(self, field: str, values: Iterable[str]) -> list[str]:
+        """Lower-cased (ASCII), de-duplicated and sorted; at most 20 after de-duplication."""
+        tags: set[str] = set()
+        for index, value in enumerate(values):
+            item = f"{field}[{index}]"
+            if not self.text(item, value, max_length=32, required=True):
+                continue
+            lowered = ascii_lower(value)
+            if not _TAG.fullmatch(lowered):
+                self.add(item, "must be 1-32 characters of a-z, 0-9 and -")
+                continue
+            tags.add(lowered)
+        if len(tags) > MAX_TAGS:
+            self.add(field, f"at most {MAX_TAGS} distinct tags (got {len(tags)})")
+        return sorted(tags)
+
     def resource_id(self, field: str, value: int) -> None:
         if value <= 0:
             self.add(field, "must be a positive id")
@@ -114,3 +137,42 @@ def check_id(field: str, value: int) -> None:
     """Raise at once for an id of 0 or below (for requests that carry only an id)."""
     if value <= 0:
         raise InvalidArgument.field(field, "must be a positive id")
+
+
+def masked_fields(
+    violations: Violations,
+    paths: Sequence[str],
+    resource: Message,
+    *,
+    mutable: tuple[str, ...],
+    immutable: tuple[str, ...] = (),
+    output_only: tuple[str, ...],
+) -> tuple[str, ...]:
+    """AIP-134: the mask's paths; `*` for every mutable field; no mask, the mutable fields
+    whose value is not the default. Each bad path is one violation on `update_mask`."""
+    if not paths:
+        chosen = tuple(f for f in mutable if getattr(resource, f))
+        if not chosen:
+            violations.add("update_mask", "names no field to update and no field is set")
+        return chosen
+    if list(paths) == ["*"]:
+        return mutable
+    selected: list[str] = []
+    for path in paths:
+        if path in mutable:
+            if path not in selected:
+                selected.append(path)
+        elif path in immutable:
+            violations.add("update_mask", f"'{path}' is immutable")
+        elif path in output_only:
+            violations.add("update_mask", f"'{path}' is output only")
+        elif path == "*":
+            violations.add("update_mask", "'*' must be the only path")
+        else:
+            violations.add("update_mask", f"unknown field '{path[:64]}'")
+    return tuple(selected)
+
+
+def request_digest(values: dict[str, Any]) -> str:
+    """What an idempotent create is keyed on besides its request_id: the validated input."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()

@@ -159,7 +159,7 @@ class UserRepository:
             .where(Post.author_id.in_(user_ids))
             .group_by(Post.author_id)
         )
-        return dict(rows.tuples())
+        return {key: value for key, value in rows}
 
     async def update(
         self, user_id: int, values: Mapping[str, Any], *, expected_version: int | None

@@ -1,0 +1,213 @@
+"""Posts and tags: SQL for the post aggregate (tag links, keyset reads, guarded writes)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any, TypeAlias
+
+from sqlalchemy import ColumnElement, Row, delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db.models import Post, PostTag, Tag, User
+from service.db.types import utcnow
+from service.errors import Aborted, NotFound
+from service.repositories.dialect import insert_ignore
+from service.repositories.keyset import Ordering
+
+PostRow: TypeAlias = Row[*tuple[Any, ...]]
+
+POST_COLUMNS = (
+    Post.id,
+    Post.author_id,
+    Post.title,
+    Post.body,
+    Post.create_time,
+    Post.update_time,
+    Post.version,
+)
+# The author's columns, joined in for POST_VIEW_FULL (one statement, like joinedload).
+AUTHOR_COLUMNS = (
+    User.username.label("author_username"),
+    User.email.label("author_email"),
+    User.display_name.label("author_display_name"),
+    User.bio.label("author_bio"),
+    User.create_time.label("author_create_time"),
+    User.update_time.label("author_update_time"),
+    User.delete_time.label("author_delete_time"),
+    User.version.label("author_version"),
+)
+
+ORDERABLE: Mapping[str, Any] = {
+    "id": Post.id,
+    "create_time": Post.create_time,
+    "title": Post.title,
+}
+DEFAULT_ORDER = "create_time desc"
+
+
+def has_tag(value: Any) -> ColumnElement[bool]:
+    """`tags:"go"`: posts linked to the tag (an EXISTS-style IN over post_tags)."""
+    name = str(value).lower()
+    return Post.id.in_(
+        select(PostTag.post_id).join(Tag, Tag.id == PostTag.tag_id).where(Tag.name == name)
+    )
+
+
+def _base(full: bool) -> Any:
+    if full:
+        return select(*POST_COLUMNS, *AUTHOR_COLUMNS).join(User, User.id == Post.author_id)
+    return select(*POST_COLUMNS)
+
+
+class PostRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def create(
+        self, *, author_id: int, title: str, body: str, tags: Sequence[str]
+    ) -> PostRow:
+        now = utcnow()
+        stmt = insert(Post).returning(*POST_COLUMNS)
+        row = (
+            await self._session.execute(
+                stmt,
+                {
+                    "author_id": author_id,
+                    "title": title,
+                    "body": body,
+                    "create_time": now,
+                    "update_time": now,
+                    "version": 1,
+                },
+            )
+        ).one()
+        await self._link_tags(row.id, tags)
+        return row
+
+    async def update(
+        self,
+        post_id: int,
+        values: Mapping[str, Any],
+        *,
+        tags: Sequence[str] | None,
+        expected_version: int | None,
+    ) -> PostRow:
+        stmt = (
+            update(Post)
+            .where(Post.id == post_id)
+            .values(**values, update_time=utcnow(), version=Post.version + 1)
+            .returning(*POST_COLUMNS)
+        )
+        if expected_version is not None:
+            stmt = stmt.where(Post.version == expected_version)
+        row = (await self._session.execute(stmt)).first()
+        if row is None:
+            await self._why_unmatched(post_id)
+            raise AssertionError("unreachable")
+        if tags is not None:
+            # Replacement is atomic: it happens in the caller's one transaction.
+            await self._session.execute(delete(PostTag).where(PostTag.post_id == post_id))
+            await self._link_tags(post_id, tags)
+        return row
+
+    async def delete(self, post_id: int, *, expected_version: int | None) -> None:
+        """Hard delete; the tag links go with it (ON DELETE CASCADE)."""
+        stmt = delete(Post).where(Post.id == post_id).returning(Post.id)
+        if expected_version is not None:
+            stmt = stmt.where(Post.version == expected_version)
+        if (await self._session.execute(stmt)).first() is None:
+            await self._why_unmatched(post_id)
+
+    async def _why_unmatched(self, post_id: int) -> None:
+        current = (
+            await self._session.execute(select(Post.version).where(Post.id == post_id))
+        ).first()
+        if current is None:
+            raise NotFound("Post", post_id)
+        raise Aborted(
+            "ETAG_MISMATCH",
+            "the etag does not match the post's current etag; read it again",
+        )
+
+    async def _link_tags(self, post_id: int, names: Sequence[str]) -> None:
+        if not names:
+            return
+        ids = await self._ensure_tags(names)
+        await self._session.execute(
+            insert(PostTag), [{"post_id": post_id, "tag_id": ids[name]} for name in names]
+        )
+
+    async def _ensure_tags(self, names: Sequence[str]) -> dict[str, int]:
+        """Ids of the tags, creating missing ones without races: INSERT ... ON CONFLICT
+        DO NOTHING, then read; a concurrent creator of the same tag simply wins."""
+        await self._session.execute(
+            insert_ignore(self._session, Tag), [{"name": name} for name in names]
+        )
+        rows = await self._session.execute(select(Tag.name, Tag.id).where(Tag.name.in_(names)))
+        return {key: value for key, value in rows}
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _select(self, *, full: bool, where: ColumnElement[bool] | None, ordering: Ordering) -> Any:
+        stmt = _base(full)
+        if where is not None:
+            stmt = stmt.where(where)
+        return stmt.order_by(*ordering.clauses())
+
+    async def get(self, post_id: int, *, full: bool) -> PostRow:
+        row = (await self._session.execute(_base(full).where(Post.id == post_id))).first()
+        if row is None:
+            raise NotFound("Post", post_id)
+        return row
+
+    async def list_page(
+        self,
+        *,
+        full: bool,
+        where: ColumnElement[bool] | None,
+        ordering: Ordering,
+        after: Sequence[Any] | None,
+        limit: int,
+    ) -> list[PostRow]:
+        stmt = self._select(full=full, where=where, ordering=ordering)
+        if after is not None:
+            stmt = stmt.where(ordering.after(after))
+        return list((await self._session.execute(stmt.limit(limit))).all())
+
+    async def stream(
+        self,
+        *,
+        full: bool,
+        where: ColumnElement[bool] | None,
+        ordering: Ordering,
+        after: Sequence[Any] | None,
+        batch_size: int,
+    ) -> AsyncGenerator[Sequence[PostRow]]:
+        """Batches of rows from a server-side cursor; close it with contextlib.aclosing."""
+        stmt = self._select(full=full, where=where, ordering=ordering)
+        if after is not None:
+            stmt = stmt.where(ordering.after(after))
+        result = await self._session.stream(stmt.execution_options(yield_per=batch_size))
+        try:
+            async for partition in result.partitions():
+                yield partition
+        finally:
+            await result.close()
+
+    async def tags_of(self, post_ids: Sequence[int]) -> dict[int, list[str]]:
+        """Sorted tag names of each post, for a whole page or batch in one query."""
+        tags: dict[int, list[str]] = defaultdict(list)
+        if not post_ids:
+            return tags
+        rows = await self._session.execute(
+            select(PostTag.post_id, Tag.name)
+            .join(Tag, Tag.id == PostTag.tag_id)
+            .where(PostTag.post_id.in_(post_ids))
+            .order_by(PostTag.post_id, Tag.name)
+        )
+        for post_id, name in rows:
+            tags[post_id].append(name)
+        return tags
