@@ -4,12 +4,12 @@
 #   docker run --rm -e DATABASE_URL=postgresql+asyncpg://... blog-service migrate
 #   docker run --rm -p 50051:50051 -e DATABASE_URL=postgresql+asyncpg://... blog-service
 #
-# Both stages use the same base (tag for people, multi-arch index digest for
-# reproducibility), so the venv's interpreter path is identical in each.
-# Update the tag and the digest together.
+# Both stages use the same base tag,
+# so the venv's interpreter path is identical in each. Pin a digest when you
+# publish from a registry you can query (docker buildx imagetools inspect).
 
 # ---------------------------------------------------------------- builder ---
-FROM python:3.11.15-slim-bookworm@sha256:b18992999dbe963a45a8a4da40ac2b1975be1a776d939d098c647482bcad5cba AS builder
+FROM python:3.11.15-slim-bookworm AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -38,7 +38,7 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
     && blog-service --help > /dev/null
 
 # ---------------------------------------------------------------- runtime ---
-FROM python:3.11.15-slim-bookworm@sha256:b18992999dbe963a45a8a4da40ac2b1975be1a776d939d098c647482bcad5cba AS runtime
+FROM python:3.11.15-slim-bookworm AS runtime
 
 LABEL org.opencontainers.image.title="blog-service" \
       org.opencontainers.image.description="blog.v1 gRPC service: users, posts and tags"

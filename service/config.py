@@ -35,7 +35,9 @@ class Settings(BaseSettings):
 
     max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     page_token_secret: SecretStr | None = None
-    idempotency_ttl_hours: Annotated[float, Field(gt=0)] = 24.0
+    idempotency_ttl_hours: Annotated[float, Field(ge=24)] = 24.0
+    user_retention_days: Annotated[float, Field(gt=0)] | None = None
+    purge_interval: Annotated[float, Field(gt=0)] = 3600.0
 
     health_check_interval: Annotated[float, Field(gt=0, le=5)] = 1.0
     health_check_timeout: Annotated[float, Field(gt=0, le=5)] = 1.0

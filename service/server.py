@@ -21,6 +21,7 @@ from service.config import Settings
 from service.db.migrations import SchemaState, schema_status, upgrade
 from service.db.uow import Database
 from service.health import NOT_SERVING, SERVING, ReadinessMonitor
+from service.maintenance import Purger
 from service.repositories.token_keys import TokenKeyRepository
 from service.tokens import TokenCodec
 
@@ -58,6 +59,7 @@ class BlogServer:
     health: health.aio.HealthServicer = field(init=False)
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _readiness: ReadinessMonitor | None = field(default=None, init=False)
+    _purger: Purger | None = field(default=None, init=False)
 
     async def start(self, *, migrate: bool = False) -> None:
         settings = self.settings
@@ -96,6 +98,8 @@ class BlogServer:
             await self.health.set(name, NOT_SERVING)
         self._readiness = ReadinessMonitor(settings, self.health, READINESS_SERVICES)
         await self._readiness.start()
+        self._purger = Purger(settings, self.db)
+        self._purger.start()
         log.info(
             "serving on %s (port %d), database %s",
             settings.grpc_listen,
@@ -162,6 +166,8 @@ class BlogServer:
         grace = self.settings.shutdown_grace if grace is None else grace
         if self._readiness is not None:
             await self._readiness.stop()
+        if self._purger is not None:
+            await self._purger.stop()
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)

@@ -232,8 +232,19 @@ class UserServicer:
         self, request: user_pb2.UndeleteUserRequest, call: Call
     ) -> user_pb2.User:
         check_id("id", request.id)
-        async with self._db.unit_of_work() as session:
-            row = await UserRepository(session).undelete(request.id)
+        try:
+            async with self._db.unit_of_work() as session:
+                row = await UserRepository(session).undelete(request.id)
+        except AlreadyExists as error:
+            if error.reason != "EMAIL_TAKEN":
+                raise
+            # SQLite may report the email index first; the contract wants USERNAME_TAKEN.
+            async with self._db.unit_of_work("read") as session:
+                current = await UserRepository(session).get(request.id)
+            if current is None:
+                raise
+            values = {"username": current.username, "email": current.email}
+            raise await self._username_first(error, values) from error
         return to_user_message(row)
 
     async def stream_users(self, request: user_pb2.StreamUsersRequest, call: Call) -> None:

@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeAlias
 
-from sqlalchemy import ColumnElement, Row, func, insert, select, update
+from sqlalchemy import ColumnElement, Row, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import Post, User
@@ -149,6 +149,13 @@ class UserRepository:
                 yield partition
         finally:
             await result.close()
+
+    async def purge_deleted(self, deleted_before: datetime) -> int:
+        """Hard-delete users soft-deleted before the cut-off (their posts go too)."""
+        result = await self._session.execute(
+            delete(User).where(User.delete_time < deleted_before)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
     async def post_counts(self, user_ids: Sequence[int]) -> dict[int, int]:
         """Posts per user for a whole page or batch, in one aggregate query."""

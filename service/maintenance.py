@@ -1,0 +1,61 @@
+"""Purges of tables that only grow: idempotency records past their TTL, and (when
+USER_RETENTION_DAYS is set) users soft-deleted longer ago than that."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+from service.config import Settings
+from service.db.types import utcnow
+from service.db.uow import Database
+from service.errors import Unavailable
+from service.repositories.idempotency import IdempotencyRepository
+from service.repositories.users import UserRepository
+
+log = logging.getLogger(__name__)
+
+
+class Purger:
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self._settings = settings
+        self._db = db
+        self._task: asyncio.Task[None] | None = None
+
+    async def purge_once(self) -> tuple[int, int]:
+        settings = self._settings
+        now = utcnow()
+        async with self._db.unit_of_work() as session:
+            records = await IdempotencyRepository(session).purge(
+                now - timedelta(hours=settings.idempotency_ttl_hours)
+            )
+            users = 0
+            if settings.user_retention_days is not None:
+                users = await UserRepository(session).purge_deleted(
+                    now - timedelta(days=settings.user_retention_days)
+                )
+        if records or users:
+            log.info("purged %d idempotency records and %d deleted users", records, users)
+        return records, users
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="purger")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.purge_interval)
+            try:
+                await self.purge_once()
+            except Unavailable:
+                log.warning("purge skipped: database unavailable")
+            except Exception:
+                log.exception("purge failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
