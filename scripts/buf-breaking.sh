@@ -20,4 +20,9 @@ if git diff --quiet "$against" -- protos && [ -z "$(git ls-files --others --excl
   git rev-parse --verify -q "$ref" >/dev/null || { echo "buf breaking: first commit; nothing to compare against"; exit 0; }
   git ls-tree -r --name-only "$ref" -- protos | grep -q '\.proto$' || { echo "buf breaking: previous commit has no protos"; exit 0; }
 fi
-"$buf" breaking --against ".git#ref=$ref"
+# Compare with the protos as they were at $ref, unpacked from git (no clone needed).
+old=$(mktemp -d)
+trap 'rm -rf "$old"' EXIT
+git archive "$ref" -- buf.yaml protos | tar -x -C "$old"
+echo "buf breaking: against $ref ($(git rev-parse --short "$ref"))"
+"$buf" breaking --against "$old"
