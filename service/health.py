@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
 
 from service.config import Settings
 
@@ -23,9 +22,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class ReadinessMonitor:
     """Flips the readiness services between SERVING and NOT_SERVING with the database.
 
-    Each probe opens a fresh connection (never a pool slot: an exhausted pool is not
-    a lost database) with a timeout of HEALTH_CHECK_TIMEOUT, every
-    HEALTH_CHECK_INTERVAL; both are capped so a change shows within 5 seconds.
+    The probe has a connection of its own (never a slot of the service's pool: an
+    exhausted pool is not a lost database), kept between probes and dropped when a
+    probe fails, so the next one reconnects. Each probe runs every
+    HEALTH_CHECK_INTERVAL with a timeout of HEALTH_CHECK_TIMEOUT; both are capped
+    so a change shows within 5 seconds.
     """
 
     def __init__(
@@ -39,7 +40,9 @@ class ReadinessMonitor:
         self._services = tuple(services)
         self._engine: AsyncEngine = create_async_engine(
             settings.database_url,
-            poolclass=NullPool,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=settings.health_check_timeout,
             connect_args={"timeout": settings.health_check_timeout},
         )
         self._task: asyncio.Task[None] | None = None
@@ -53,6 +56,7 @@ class ReadinessMonitor:
             return True
         except Exception as error:  # any failure means "not ready"
             log.debug("readiness check failed: %r", error)
+            await self._engine.dispose()
             return False
 
     async def update(self) -> bool:

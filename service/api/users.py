@@ -134,18 +134,25 @@ class UserServicer:
         ]
         violations.raise_if_any()
         _reject_duplicates_within(entries)
-        async with self._db.unit_of_work() as session:
-            users = UserRepository(session)
-            names, emails = await users.find_live_clashes(
+        try:
+            async with self._db.unit_of_work() as session:
+                rows = await UserRepository(session).create_many(entries)
+        except AlreadyExists as error:
+            # The constraint refused the batch (nothing was written); say which entry.
+            raise await self._clashing_entry(entries) or error from error
+        return user_pb2.BatchCreateUsersResponse(users=[to_user_message(r) for r in rows])
+
+    async def _clashing_entry(self, entries: list[dict[str, Any]]) -> AlreadyExists | None:
+        async with self._db.unit_of_work("read") as session:
+            names, emails = await UserRepository(session).find_live_clashes(
                 [e["username"] for e in entries], [e["email"] for e in entries]
             )
-            for index, entry in enumerate(entries):
-                if entry["username"] in names:
-                    raise _taken("USERNAME_TAKEN", index)
-                if normalize_email(entry["email"]) in emails:
-                    raise _taken("EMAIL_TAKEN", index)
-            rows = await users.create_many(entries)
-        return user_pb2.BatchCreateUsersResponse(users=[to_user_message(r) for r in rows])
+        for index, entry in enumerate(entries):
+            if entry["username"] in names:
+                return _taken("USERNAME_TAKEN", index)
+            if normalize_email(entry["email"]) in emails:
+                return _taken("EMAIL_TAKEN", index)
+        return None
 
     async def get_user(self, request: user_pb2.GetUserRequest, call: Call) -> user_pb2.User:
         violations = Violations()

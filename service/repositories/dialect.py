@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import any_, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 
 def insert_ignore(session: AsyncSession, table: Any) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING in the session's dialect (no check-then-insert)."""
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         return postgresql.insert(table).on_conflict_do_nothing()
     return sqlite.insert(table).on_conflict_do_nothing()
+
+
+def is_postgres(session: AsyncSession) -> bool:
+    return bool(session.get_bind().dialect.name == "postgresql")
+
+
+def one_of(session: AsyncSession, column: Any, values: Sequence[Any], item_type: Any) -> Any:
+    """`column IN (...)`; on PostgreSQL `column = ANY(:array)`: one bound parameter, so
+    one prepared statement serves every list length instead of one per length."""
+    if is_postgres(session):
+        return column == any_(bindparam(None, list(values), type_=ARRAY(item_type)))
+    return column.in_(values)

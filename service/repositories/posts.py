@@ -6,13 +6,13 @@ from collections import defaultdict
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, TypeAlias
 
-from sqlalchemy import ColumnElement, Row, delete, insert, select, update
+from sqlalchemy import BigInteger, ColumnElement, Row, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import Post, PostTag, Tag, User
 from service.db.types import utcnow
 from service.errors import Aborted, NotFound
-from service.repositories.dialect import insert_ignore
+from service.repositories.dialect import insert_ignore, one_of
 from service.repositories.keyset import Ordering
 
 PostRow: TypeAlias = Row[*tuple[Any, ...]]
@@ -205,7 +205,7 @@ class PostRepository:
         rows = await self._session.execute(
             select(PostTag.post_id, Tag.name)
             .join(Tag, Tag.id == PostTag.tag_id)
-            .where(PostTag.post_id.in_(post_ids))
+            .where(one_of(self._session, PostTag.post_id, post_ids, BigInteger))
             .order_by(PostTag.post_id, Tag.name)
         )
         for post_id, name in rows:
