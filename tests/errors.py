@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -54,3 +56,63 @@ def rich(error: grpc.aio.AioRpcError) -> RichError:
             detail.Unpack(message)
             setattr(result, attribute, message)
     return result
+
+
+# -- assertions shared by the API tests ---------------------------------------------------
+
+DOMAIN = "blog.v1"
+
+# The reason a status has when a test does not name one (AIP-193 table of API.md).
+_DEFAULT_REASON = {
+    grpc.StatusCode.INVALID_ARGUMENT: "INVALID_FIELD",
+    grpc.StatusCode.NOT_FOUND: "NOT_FOUND",
+}
+# The detail type each code must carry besides its ErrorInfo.
+_REQUIRED_DETAIL = {
+    grpc.StatusCode.INVALID_ARGUMENT: "BadRequest",
+    grpc.StatusCode.NOT_FOUND: "ResourceInfo",
+    grpc.StatusCode.FAILED_PRECONDITION: "PreconditionFailure",
+    grpc.StatusCode.UNAVAILABLE: "RetryInfo",
+}
+
+
+def check_error(
+    error: grpc.aio.AioRpcError,
+    code: grpc.StatusCode,
+    reason: str | None = None,
+    *,
+    fields: list[str] | None = None,
+) -> RichError:
+    """Assert a status the service made: its code, exactly one ErrorInfo in domain blog.v1
+    (reason `reason`, or the code's usual one), each detail type at most once, the detail
+    the code calls for, and, when given, exactly these BadRequest field paths in order."""
+    result = rich(error)
+    assert result.code is code, f"expected {code.name}, got {result.code.name}: {result.message}"
+    assert result.detail_types.count("ErrorInfo") == 1, result.detail_types
+    assert len(set(result.detail_types)) == len(result.detail_types), result.detail_types
+    assert result.info is not None
+    assert result.info.domain == DOMAIN, result.info
+    expected_reason = reason or _DEFAULT_REASON.get(code)
+    if expected_reason is not None:
+        assert result.reason == expected_reason, (result.reason, result.message)
+    required = _REQUIRED_DETAIL.get(code)
+    if required is not None:
+        assert required in result.detail_types, result.detail_types
+    if fields is not None:
+        assert result.fields == fields, (result.fields, result.message)
+    return result
+
+
+async def expect_error(
+    call: Awaitable[Any],
+    code: grpc.StatusCode,
+    reason: str | None = None,
+    *,
+    fields: list[str] | None = None,
+) -> RichError:
+    """Await a call that must fail, then `check_error` its status."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return check_error(error, code, reason, fields=fields)
+    raise AssertionError(f"expected {code.name}, but the call succeeded")
