@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -79,13 +81,16 @@ def _migrate(settings: Settings) -> None:
 
 
 def _serve(settings: Settings, *, migrate: bool, reuse_port: bool) -> None:
-    from service.server import SchemaBehindError, serve
+    from service.server import ListenError, SchemaBehindError, serve
 
     try:
         _run(serve(settings, migrate=migrate, reuse_port=reuse_port))
     except SchemaBehindError as error:
         log.error("%s", error)
         sys.exit(2)
+    except ListenError as error:
+        log.error("%s", error)
+        sys.exit(1)
 
 
 def _worker(settings_json: str, index: int) -> None:
@@ -102,8 +107,12 @@ def _serve_workers(settings: Settings, workers: int, *, migrate: bool) -> None:
         _migrate(settings)
     context = multiprocessing.get_context("spawn")  # never fork a process with gRPC state
     payload = settings.model_dump_json()
+    # By its importable name: under `python -m service` this module runs as __main__,
+    # which a spawned child does not re-import (multiprocessing skips `*.__main__`),
+    # so a target pickled as `__main__._worker` cannot be found there.
+    worker = importlib.import_module("service.__main__")._worker
     children = [
-        context.Process(target=_worker, args=(payload, i), name=f"worker-{i}", daemon=False)
+        context.Process(target=worker, args=(payload, i), name=f"worker-{i}", daemon=False)
         for i in range(workers)
     ]
     for child in children:
@@ -118,12 +127,17 @@ def _serve_workers(settings: Settings, workers: int, *, migrate: bool) -> None:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     exit_code = 0
-    for child in children:
-        child.join()
-        if child.exitcode:
-            log.error("%s exited with %s", child.name, child.exitcode)
-            exit_code = 1
-            forward(signal.SIGTERM, None)  # one worker failed: take the others down too
+    running = list(children)
+    while running:
+        # Whichever child ends first, not the first in the list.
+        ended = multiprocessing.connection.wait([c.sentinel for c in running])
+        for child in [c for c in running if c.sentinel in ended]:
+            child.join()
+            running.remove(child)
+            if child.exitcode:
+                log.error("%s exited with %s", child.name, child.exitcode)
+                exit_code = 1
+                forward(signal.SIGTERM, None)  # one worker failed: take the others down too
     sys.exit(exit_code)
 
 

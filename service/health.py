@@ -38,8 +38,11 @@ class ReadinessMonitor:
         self._settings = settings
         self._servicer = servicer
         self._services = tuple(services)
+        # AUTOCOMMIT: the probe is one statement, so no BEGIN/ROLLBACK round trips and
+        # never a session seen "idle in transaction" between its SELECT and ROLLBACK.
         self._engine: AsyncEngine = create_async_engine(
             settings.database_url,
+            isolation_level="AUTOCOMMIT",
             pool_size=1,
             max_overflow=0,
             pool_timeout=settings.health_check_timeout,

@@ -36,6 +36,10 @@ class SchemaBehindError(RuntimeError):
     pass
 
 
+class ListenError(OSError):
+    """The listen address cannot be bound (in use without SO_REUSEPORT, or not ours)."""
+
+
 def server_options(settings: Settings, *, reuse_port: bool) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -90,7 +94,11 @@ class BlogServer:
             reflection.enable_server_reflection(
                 (*READINESS_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-        self.port = self._bind(server)
+        try:
+            self.port = self._bind(server)
+        except BaseException:
+            await self.db.dispose()
+            raise
         self._server = server
         await server.start()
         await self.health.set("", SERVING)
@@ -109,20 +117,28 @@ class BlogServer:
 
     def _bind(self, server: grpc.aio.Server) -> int:
         settings = self.settings
-        if settings.tls_cert_file is None or settings.tls_key_file is None:
-            port = server.add_insecure_port(settings.grpc_listen)
-        else:
-            client_ca = (
-                settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
-            )
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
-                root_certificates=client_ca,
-                require_client_auth=client_ca is not None,
-            )
-            port = server.add_secure_port(settings.grpc_listen, credentials)
+        try:
+            if settings.tls_cert_file is None or settings.tls_key_file is None:
+                port = server.add_insecure_port(settings.grpc_listen)
+            else:
+                client_ca = (
+                    settings.tls_client_ca_file.read_bytes()
+                    if settings.tls_client_ca_file
+                    else None
+                )
+                credentials = grpc.ssl_server_credentials(
+                    [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+                    root_certificates=client_ca,
+                    require_client_auth=client_ca is not None,
+                )
+                port = server.add_secure_port(settings.grpc_listen, credentials)
+        except RuntimeError:  # grpcio raises "Failed to bind to address ..."
+            port = 0
         if port == 0:
-            raise OSError(f"could not listen on {settings.grpc_listen}")
+            raise ListenError(
+                f"could not listen on {settings.grpc_listen}: the address is in use "
+                "(by a server without SO_REUSEPORT) or not one of this host's"
+            )
         return port
 
     async def _check_schema(self, *, migrate: bool) -> None:

@@ -51,6 +51,12 @@ class Call:
                 f"the client read nothing for {self._idle_timeout:g}s; resume with the "
                 "last resume_token received",
             ) from None
+        except Exception as error:
+            # A write fails only once the call is over: the client cancelled, its
+            # deadline passed or its connection dropped (grpc.aio may not have cancelled
+            # this task yet). No status can reach the client now: end the handler as a
+            # cancellation, not as an INTERNAL error with a traceback in the log.
+            raise asyncio.CancelledError(f"stream write failed: {error!r}") from error
 
 
 Unary = Callable[[Any, Call], Awaitable[protobuf_message.Message]]
@@ -138,6 +144,11 @@ class HandlerFactory:
                 )
                 await abort(context, error)
             except Exception:
+                if context.cancelled():
+                    # The client went away mid-call (a stream write failed): not our fault,
+                    # and there is nobody to answer.
+                    log.info("%s CANCELLED by the client caller=%s", method, caller)
+                    return None
                 error_id = uuid.uuid4().hex
                 log.exception("%s INTERNAL error_id=%s caller=%s", method, error_id, caller)
                 await abort(context, Internal(error_id))

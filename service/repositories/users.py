@@ -246,6 +246,12 @@ class UserRepository:
         )
 
     async def soft_delete(self, user_id: int, *, expected_version: int | None) -> UserRow:
+        # Take the row first (PostgreSQL: FOR NO KEY UPDATE, which waits out a CreatePost's
+        # share lock; SQLite: the write lock of BEGIN IMMEDIATE), then read the clock, so
+        # no post is ever created after its author's delete_time.
+        await self._session.execute(
+            select(User.id).where(User.id == user_id).with_for_update(key_share=True)
+        )
         return await self._guarded_update(
             user_id, {"delete_time": utcnow()}, expected_version=expected_version, live=True
         )
