@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import empty_pb2
 
 from blog.v1 import post_pb2
-from service.api.convert import to_post_message
+from service.api.convert import add_post, post_size, to_post_message
 from service.api.query import QuerySpec
 from service.api.rpc import Call
 from service.api.streams import StreamLimiter, send_batches
@@ -27,7 +27,7 @@ MUTABLE = ("title", "body", "tags")
 IMMUTABLE = ("author_id",)
 OUTPUT_ONLY = ("id", "create_time", "update_time", "etag", "author")
 FULL = post_pb2.POST_VIEW_FULL
-VIEWS = (post_pb2.POST_VIEW_UNSPECIFIED, post_pb2.POST_VIEW_BASIC, post_pb2.POST_VIEW_FULL)
+VIEWS = frozenset(post_pb2.PostView.values())
 
 FILTERABLE: dict[str, FilterField] = {
     "id": FilterField(FieldKind.INT, Post.id),
@@ -149,9 +149,10 @@ class PostServicer:
             more = len(rows) > page_size
             rows = rows[:page_size]
             tags = await repo.tags_of([r.id for r in rows])
-        response = post_pb2.ListPostsResponse(
-            posts=[to_post_message(r, tags.get(r.id, []), full=full) for r in rows]
-        )
+        response = post_pb2.ListPostsResponse()
+        add = response.posts.add
+        for row in rows:
+            add_post(add, row, tags.get(row.id, ()), full=full)
         if more:
             response.next_page_token = QUERY.token(self._tokens, query, "page_token", rows[-1])
         return response
@@ -207,9 +208,16 @@ class PostServicer:
             async with self._db.unit_of_work("snapshot") as session:
                 repo = PostRepository(session)
 
-                async def render(rows: Sequence[Any]) -> list[post_pb2.Post]:
-                    tags = await repo.tags_of([r.id for r in rows])
-                    return [to_post_message(r, tags.get(r.id, []), full=full) for r in rows]
+                async def prepare(rows: Sequence[Any]) -> dict[int, list[str]]:
+                    return await repo.tags_of([r.id for r in rows])
+
+                def add(
+                    message: post_pb2.StreamPostsResponse, row: Any, tags: dict[int, list[str]]
+                ) -> None:
+                    add_post(message.posts.add, row, tags.get(row.id, ()), full=full)
+
+                def size_of(row: Any, tags: dict[int, list[str]]) -> int:
+                    return post_size(row, tags.get(row.id, ()), full=full)
 
                 await send_batches(
                     call,
@@ -220,10 +228,10 @@ class PostServicer:
                         after=query.after,
                         batch_size=settings.stream_batch_rows,
                     ),
-                    render=render,
-                    respond=lambda chunk, token: post_pb2.StreamPostsResponse(
-                        posts=chunk, resume_token=token
-                    ),
+                    prepare=prepare,
+                    new_message=post_pb2.StreamPostsResponse,
+                    add=add,
+                    size_of=size_of,
                     token_of=lambda row: QUERY.token(self._tokens, query, "resume_token", row),
                     max_rows=settings.stream_batch_rows,
                     max_bytes=settings.stream_batch_bytes,

@@ -21,7 +21,7 @@ from google.protobuf import message as protobuf_message
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
-from service.auth import Authenticator
+from service.auth import ANONYMOUS, Authenticator
 from service.errors import Aborted, DomainError, Internal, InvalidArgument, abort
 
 log = logging.getLogger("service.rpc")
@@ -121,7 +121,7 @@ class HandlerFactory:
             started = time.perf_counter()
             caller = "-"
             try:
-                caller = auth.caller(context.invocation_metadata())
+                caller = auth.caller(context.invocation_metadata()) if auth.enabled else ANONYMOUS
                 request = parse(request_class, data)
                 call = Call(context, method, caller, idle_timeout)
                 result = await impl(request, call)

@@ -34,45 +34,44 @@ class StreamLimiter:
             self.active -= 1
 
 
-def chunks(
-    messages: Sequence[M], rows: Sequence[Any], *, max_rows: int, max_bytes: int
-) -> Iterator[tuple[list[M], Any]]:
-    """Split one fetched batch into messages of at most max_rows and about max_bytes,
-    never empty; yields each chunk with its last row (for the resume token)."""
-    chunk: list[M] = []
-    size = 0
-    last: Any = None
-    for message, row in zip(messages, rows, strict=True):
-        item = message.ByteSize() + 6  # field tag and length prefix
-        if chunk and (len(chunk) >= max_rows or size + item > max_bytes):
-            yield chunk, last
-            chunk, size = [], 0
-        chunk.append(message)
-        size += item
-        last = row
-    if chunk:
-        yield chunk, last
-
-
 async def send_batches(
     call: Call,
     batches: AsyncGenerator[Sequence[Any]],
     *,
-    render: Callable[[Sequence[Any]], Awaitable[list[M]]],
-    respond: Callable[[list[M], str], Message],
+    prepare: Callable[[Sequence[Any]], Awaitable[Any]],
+    new_message: Callable[[], M],
+    add: Callable[[M, Any, Any], object],
+    size_of: Callable[[Any, Any], int],
     token_of: Callable[[Any], str],
     max_rows: int,
     max_bytes: int,
 ) -> None:
-    """Send each fetched batch as one or more messages, each with its resume token.
+    """Send each fetched batch as one or more messages of at most `max_rows` rows and
+    about `max_bytes`, never empty, each with the resume token of its last row.
 
-    `aclosing` matters: when the client cancels or its deadline passes, the
-    CancelledError lands here, and the generator's `finally` must close the cursor
-    at once so the connection goes back to the pool.
+    `prepare` runs once per batch (the batch's tag or count query) and its result is
+    handed to `add` and `size_of` for every row. `aclosing` matters: when the client
+    cancels or its deadline passes, the CancelledError lands here, and the
+    generator's `finally` must close the cursor at once so the connection goes back
+    to the pool.
     """
     async with aclosing(batches):
         async for rows in batches:
-            messages = await render(rows)
-            for chunk, last in chunks(messages, rows, max_rows=max_rows, max_bytes=max_bytes):
-                token = token_of(last)
-                await call.send(respond(chunk, token))
+            extra = await prepare(rows)
+            message = new_message()
+            count = size = 0
+            last: Any = None
+            for row in rows:
+                item = size_of(row, extra)
+                if count and (count >= max_rows or size + item > max_bytes):
+                    message.resume_token = token_of(last)  # type: ignore[attr-defined]
+                    await call.send(message)
+                    message = new_message()
+                    count = size = 0
+                add(message, row, extra)
+                count += 1
+                size += item
+                last = row
+            if count:
+                message.resume_token = token_of(last)  # type: ignore[attr-defined]
+                await call.send(message)

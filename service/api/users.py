@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from blog.v1 import user_pb2
-from service.api.convert import to_user_message
+from service.api.convert import add_user, to_user_message, user_size
 from service.api.query import QuerySpec
 from service.api.rpc import Call
 from service.api.streams import StreamLimiter, send_batches
@@ -30,7 +30,7 @@ MAX_BATCH = 1000
 MUTABLE = ("username", "email", "display_name", "bio")
 OUTPUT_ONLY = ("id", "create_time", "update_time", "delete_time", "etag", "post_count")
 FULL = user_pb2.USER_VIEW_FULL
-VIEWS = (user_pb2.USER_VIEW_UNSPECIFIED, user_pb2.USER_VIEW_BASIC, user_pb2.USER_VIEW_FULL)
+VIEWS = frozenset(user_pb2.UserView.values())
 
 FILTERABLE: dict[str, FilterField] = {
     "id": FilterField(FieldKind.INT, User.id),
@@ -140,7 +140,9 @@ class UserServicer:
         except AlreadyExists as error:
             # The constraint refused the batch (nothing was written); say which entry.
             raise await self._clashing_entry(entries) or error from error
-        return user_pb2.BatchCreateUsersResponse(users=[to_user_message(r) for r in rows])
+        response = user_pb2.BatchCreateUsersResponse()
+        _add_users(response.users, rows, None)
+        return response
 
     async def _clashing_entry(self, entries: list[dict[str, Any]]) -> AlreadyExists | None:
         async with self._db.unit_of_work("read") as session:
@@ -194,7 +196,8 @@ class UserServicer:
             more = len(rows) > page_size
             rows = rows[:page_size]
             counts = await users.post_counts([r.id for r in rows]) if full else None
-        response = user_pb2.ListUsersResponse(users=_render(rows, counts))
+        response = user_pb2.ListUsersResponse()
+        _add_users(response.users, rows, counts)
         if more:
             response.next_page_token = QUERY.token(self._tokens, query, "page_token", rows[-1])
         return response
@@ -271,9 +274,13 @@ class UserServicer:
             async with self._db.unit_of_work("snapshot") as session:
                 users = UserRepository(session)
 
-                async def render(rows: Sequence[Any]) -> list[user_pb2.User]:
-                    counts = await users.post_counts([r.id for r in rows]) if full else None
-                    return _render(rows, counts)
+                async def prepare(rows: Sequence[Any]) -> dict[int, int] | None:
+                    return await users.post_counts([r.id for r in rows]) if full else None
+
+                def add(
+                    message: user_pb2.StreamUsersResponse, row: Any, counts: dict[int, int] | None
+                ) -> None:
+                    add_user(message.users.add, row, counts.get(row.id, 0) if counts else 0)
 
                 await send_batches(
                     call,
@@ -284,20 +291,20 @@ class UserServicer:
                         after=query.after,
                         batch_size=settings.stream_batch_rows,
                     ),
-                    render=render,
-                    respond=lambda chunk, token: user_pb2.StreamUsersResponse(
-                        users=chunk, resume_token=token
-                    ),
+                    prepare=prepare,
+                    new_message=user_pb2.StreamUsersResponse,
+                    add=add,
+                    size_of=lambda row, _counts: user_size(row),
                     token_of=lambda row: QUERY.token(self._tokens, query, "resume_token", row),
                     max_rows=settings.stream_batch_rows,
                     max_bytes=settings.stream_batch_bytes,
                 )
 
 
-def _render(rows: Sequence[Any], counts: dict[int, int] | None) -> list[user_pb2.User]:
-    if counts is None:
-        return [to_user_message(r) for r in rows]
-    return [to_user_message(r, post_count=counts.get(r.id, 0)) for r in rows]
+def _add_users(container: Any, rows: Sequence[Any], counts: dict[int, int] | None) -> None:
+    add = container.add
+    for row in rows:
+        add_user(add, row, counts.get(row.id, 0) if counts else 0)
 
 
 def _reject_duplicates_within(entries: list[dict[str, Any]]) -> None:

@@ -128,8 +128,8 @@ class Violations:
             self.add(field, "must be a UUID")
             return ""
 
-    def enum(self, field: str, value: int, known: Iterable[int]) -> None:
-        if value not in set(known):
+    def enum(self, field: str, value: int, known: frozenset[int]) -> None:
+        if value not in known:
             self.add(field, f"unknown value {value}")
 
 

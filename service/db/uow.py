@@ -61,8 +61,14 @@ class Database:
         """`async with db.unit_of_work() as session:` commits at the end, rolls back on error."""
         factory = getattr(self._factories, mode)
         try:
-            async with factory() as session, session.begin():
-                yield session
+            if mode == "read":
+                # Autocommit: nothing to commit or roll back, so no SessionTransaction
+                # ceremony on the hottest path; closing the session returns the connection.
+                async with factory() as session:
+                    yield session
+            else:
+                async with factory() as session, session.begin():
+                    yield session
         except DomainError:
             raise
         except sa_exc.IntegrityError as error:

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.db.models import Post, PostTag, Tag, User
 from service.db.types import utcnow
 from service.errors import Aborted, NotFound
-from service.repositories.dialect import insert_ignore, one_of
+from service.repositories.dialect import driver_of, insert_ignore, one_of
 from service.repositories.keyset import Ordering
 
 PostRow: TypeAlias = Row[*tuple[Any, ...]]
@@ -44,6 +44,11 @@ ORDERABLE: Mapping[str, Any] = {
     "title": Post.title,
 }
 DEFAULT_ORDER = "create_time desc"
+# tags_of at driver level (PostgreSQL), the same query as its SQLAlchemy form.
+_TAGS_OF = (
+    "SELECT pt.post_id, t.name FROM post_tags pt JOIN tags t ON t.id = pt.tag_id"
+    " WHERE pt.post_id = ANY($1::bigint[]) ORDER BY pt.post_id, t.name"
+)
 
 
 def has_tag(value: Any) -> ColumnElement[bool]:
@@ -201,6 +206,11 @@ class PostRepository:
         """Sorted tag names of each post, for a whole page or batch in one query."""
         tags: dict[int, list[str]] = defaultdict(list)
         if not post_ids:
+            return tags
+        driver = await driver_of(self._session)
+        if driver is not None:  # once per page or stream batch: skip SQLAlchemy's row work
+            for post_id, name in await driver.fetch(_TAGS_OF, post_ids):
+                tags[post_id].append(name)
             return tags
         rows = await self._session.execute(
             select(PostTag.post_id, Tag.name)

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.db.models import Post, User
 from service.db.types import utcnow
 from service.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
-from service.repositories.dialect import is_postgres, one_of
+from service.repositories.dialect import RecordRow, driver_of, is_postgres, one_of
 from service.repositories.keyset import Ordering
 
 USER_COLUMNS = (
@@ -47,7 +47,12 @@ ORDERABLE: Mapping[str, Any] = {
 }
 DEFAULT_ORDER = "id"
 
-UserRow: TypeAlias = Row[*tuple[Any, ...]]
+UserRow: TypeAlias = Row[*tuple[Any, ...]] | RecordRow
+# GetUser's statement at driver level (PostgreSQL); the same columns as USER_COLUMNS.
+_GET_BY_ID = (
+    "SELECT id, username, email, display_name, bio, create_time, update_time, delete_time,"
+    " version FROM users WHERE id = $1"
+)
 
 
 def normalize_email(email: str) -> str:
@@ -154,6 +159,10 @@ class UserRepository:
         return taken_names, taken_emails
 
     async def get(self, user_id: int) -> UserRow | None:
+        driver = await driver_of(self._session)
+        if driver is not None:  # the hottest read: skip SQLAlchemy's per-statement work
+            record = await driver.fetchrow(_GET_BY_ID, user_id)
+            return None if record is None else RecordRow(record)
         result = await self._session.execute(select(*USER_COLUMNS).where(User.id == user_id))
         return result.first()
 
