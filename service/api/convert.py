@@ -32,41 +32,73 @@ def set_timestamp(target: Timestamp, value: datetime) -> None:
     target.nanos = delta.microseconds * 1000
 
 
-def add_user(make: UserFactory, row: Any, post_count: int = 0) -> user_pb2.User:
+def add_user(make: UserFactory, row: Any, post_count: int = 0) -> tuple[user_pb2.User, int]:
+    """Build a user with `make`, and say about how many bytes it serializes to."""
+    epoch = _EPOCH
+    display_name = row.display_name
+    bio = row.bio
     user = make(
         id=row.id,
         username=row.username,
         email=row.email,
-        display_name=row.display_name,
-        bio=row.bio,
+        display_name=display_name,
+        bio=bio,
         etag=etag_of(row.version),
+        post_count=post_count,
     )
-    set_timestamp(user.create_time, row.create_time)
-    set_timestamp(user.update_time, row.update_time)
+    delta = row.create_time - epoch
+    stamp = user.create_time
+    stamp.seconds = delta.days * 86400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1000
+    delta = row.update_time - epoch
+    stamp = user.update_time
+    stamp.seconds = delta.days * 86400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1000
     if row.delete_time is not None:
         set_timestamp(user.delete_time, row.delete_time)
-    if post_count:
-        user.post_count = post_count
-    return user
+    return user, (
+        _FIXED_BYTES
+        + len(row.username)
+        + len(row.email)
+        + (len(display_name) if display_name.isascii() else len(display_name.encode()))
+        + (len(bio) if bio.isascii() else len(bio.encode()))
+    )
 
 
 def to_user_message(row: Any, *, post_count: int = 0) -> user_pb2.User:
-    return add_user(user_pb2.User, row, post_count)
+    return add_user(user_pb2.User, row, post_count)[0]
 
 
 def add_post(
     make: PostFactory, row: Any, tags: Sequence[str] = _NO_TAGS, *, full: bool
-) -> post_pb2.Post:
+) -> tuple[post_pb2.Post, int]:
+    """Build a post with `make`, and say about how many bytes it serializes to."""
+    epoch = _EPOCH
+    title = row.title
+    body = row.body
     post = make(
         id=row.id,
         author_id=row.author_id,
-        title=row.title,
-        body=row.body,
+        title=title,
+        body=body,
         tags=tags,
         etag=etag_of(row.version),
     )
-    set_timestamp(post.create_time, row.create_time)
-    set_timestamp(post.update_time, row.update_time)
+    delta = row.create_time - epoch
+    stamp = post.create_time
+    stamp.seconds = delta.days * 86400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1000
+    delta = row.update_time - epoch
+    stamp = post.update_time
+    stamp.seconds = delta.days * 86400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1000
+    size = (
+        _FIXED_BYTES
+        + (len(title) if title.isascii() else len(title.encode()))
+        + (len(body) if body.isascii() else len(body.encode()))
+        + 2 * len(tags)
+        + sum(map(len, tags))
+    )
     if full:
         author = post.author
         author.id = row.author_id
@@ -79,37 +111,9 @@ def add_post(
         set_timestamp(author.update_time, row.author_update_time)
         if row.author_delete_time is not None:
             set_timestamp(author.delete_time, row.author_delete_time)
-    return post
+        size += author.ByteSize()
+    return post, size
 
 
 def to_post_message(row: Any, tags: Sequence[str], *, full: bool) -> post_pb2.Post:
-    return add_post(post_pb2.Post, row, tags, full=full)
-
-
-def text_bytes(value: str) -> int:
-    return len(value) if value.isascii() else len(value.encode())
-
-
-def user_size(row: Any) -> int:
-    """About the serialized size of a user, without building it (for stream splitting)."""
-    return (
-        _FIXED_BYTES
-        + len(row.username)
-        + len(row.email)
-        + text_bytes(row.display_name)
-        + text_bytes(row.bio)
-    )
-
-
-def post_size(row: Any, tags: Sequence[str], *, full: bool) -> int:
-    size = _FIXED_BYTES + text_bytes(row.title) + text_bytes(row.body)
-    size += sum(len(tag) + 2 for tag in tags)
-    if full:
-        size += (
-            _FIXED_BYTES
-            + len(row.author_username)
-            + len(row.author_email)
-            + text_bytes(row.author_display_name)
-            + text_bytes(row.author_bio)
-        )
-    return size
+    return add_post(post_pb2.Post, row, tags, full=full)[0]

@@ -8,13 +8,13 @@ from typing import Any
 from google.protobuf import empty_pb2
 
 from blog.v1 import post_pb2
-from service.api.convert import add_post, post_size, to_post_message
+from service.api.convert import add_post, to_post_message
 from service.api.query import QuerySpec
 from service.api.rpc import Call
 from service.api.streams import StreamLimiter, send_batches
 from service.api.validation import Violations, check_id, masked_fields, request_digest
 from service.config import Settings
-from service.db.models import Post
+from service.db.models import posts_table
 from service.db.uow import Database
 from service.errors import FailedPrecondition, InvalidArgument
 from service.filtering import FieldKind, FilterField, substring_has
@@ -29,12 +29,13 @@ OUTPUT_ONLY = ("id", "create_time", "update_time", "etag", "author")
 FULL = post_pb2.POST_VIEW_FULL
 VIEWS = frozenset(post_pb2.PostView.values())
 
+_P = posts_table.c
 FILTERABLE: dict[str, FilterField] = {
-    "id": FilterField(FieldKind.INT, Post.id),
-    "author_id": FilterField(FieldKind.INT, Post.author_id),
-    "title": FilterField(FieldKind.STRING, Post.title, substring_has(Post.title)),
-    "create_time": FilterField(FieldKind.TIMESTAMP, Post.create_time),
-    "update_time": FilterField(FieldKind.TIMESTAMP, Post.update_time),
+    "id": FilterField(FieldKind.INT, _P.id),
+    "author_id": FilterField(FieldKind.INT, _P.author_id),
+    "title": FilterField(FieldKind.STRING, _P.title, substring_has(_P.title)),
+    "create_time": FilterField(FieldKind.TIMESTAMP, _P.create_time),
+    "update_time": FilterField(FieldKind.TIMESTAMP, _P.update_time),
     "tags": FilterField(FieldKind.STRING, None, has_tag),
 }
 QUERY = QuerySpec("posts", FILTERABLE, ORDERABLE, DEFAULT_ORDER)
@@ -213,11 +214,8 @@ class PostServicer:
 
                 def add(
                     message: post_pb2.StreamPostsResponse, row: Any, tags: dict[int, list[str]]
-                ) -> None:
-                    add_post(message.posts.add, row, tags.get(row.id, ()), full=full)
-
-                def size_of(row: Any, tags: dict[int, list[str]]) -> int:
-                    return post_size(row, tags.get(row.id, ()), full=full)
+                ) -> int:
+                    return add_post(message.posts.add, row, tags.get(row.id, ()), full=full)[1]
 
                 await send_batches(
                     call,
@@ -230,8 +228,8 @@ class PostServicer:
                     ),
                     prepare=prepare,
                     new_message=post_pb2.StreamPostsResponse,
+                    rows_field="posts",
                     add=add,
-                    size_of=size_of,
                     token_of=lambda row: QUERY.token(self._tokens, query, "resume_token", row),
                     max_rows=settings.stream_batch_rows,
                     max_bytes=settings.stream_batch_bytes,

@@ -40,21 +40,28 @@ async def send_batches(
     *,
     prepare: Callable[[Sequence[Any]], Awaitable[Any]],
     new_message: Callable[[], M],
-    add: Callable[[M, Any, Any], object],
-    size_of: Callable[[Any, Any], int],
+    rows_field: str,
+    add: Callable[[M, Any, Any], int],
     token_of: Callable[[Any], str],
     max_rows: int,
     max_bytes: int,
 ) -> None:
     """Send each fetched batch as one or more messages of at most `max_rows` rows and
-    about `max_bytes`, never empty, each with the resume token of its last row.
+    about `max_bytes` (a single larger row goes alone), never empty, each with the
+    resume token of its last row.
 
-    `prepare` runs once per batch (the batch's tag or count query) and its result is
-    handed to `add` and `size_of` for every row. `aclosing` matters: when the client
-    cancels or its deadline passes, the CancelledError lands here, and the
-    generator's `finally` must close the cursor at once so the connection goes back
-    to the pool.
+    `prepare` runs once per batch (the batch's tag or count query); `add` puts one row
+    into the message's `rows_field` and returns about how many bytes it added; a row
+    that would overflow the message is taken back out and starts the next one.
+    `aclosing` matters: when the client cancels or its deadline passes, the
+    CancelledError lands here, and the generator's `finally` must close the cursor at
+    once so the connection goes back to the pool.
     """
+
+    async def flush(message: M, last: Any) -> None:
+        message.resume_token = token_of(last)  # type: ignore[attr-defined]
+        await call.send(message)
+
     async with aclosing(batches):
         async for rows in batches:
             extra = await prepare(rows)
@@ -62,16 +69,19 @@ async def send_batches(
             count = size = 0
             last: Any = None
             for row in rows:
-                item = size_of(row, extra)
-                if count and (count >= max_rows or size + item > max_bytes):
-                    message.resume_token = token_of(last)  # type: ignore[attr-defined]
-                    await call.send(message)
+                item = add(message, row, extra)
+                if count and size + item > max_bytes:
+                    del getattr(message, rows_field)[-1]
+                    await flush(message, last)
                     message = new_message()
+                    item = add(message, row, extra)
                     count = size = 0
-                add(message, row, extra)
                 count += 1
                 size += item
                 last = row
+                if count >= max_rows:
+                    await flush(message, last)
+                    message = new_message()
+                    count = size = 0
             if count:
-                message.resume_token = token_of(last)  # type: ignore[attr-defined]
-                await call.send(message)
+                await flush(message, last)

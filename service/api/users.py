@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from blog.v1 import user_pb2
-from service.api.convert import add_user, to_user_message, user_size
+from service.api.convert import add_user, to_user_message
 from service.api.query import QuerySpec
 from service.api.rpc import Call
 from service.api.streams import StreamLimiter, send_batches
 from service.api.validation import Violations, check_id, masked_fields, request_digest
 from service.config import Settings
-from service.db.models import User
+from service.db.models import users_table
 from service.db.uow import Database
 from service.errors import AlreadyExists, InvalidArgument
 from service.filtering import FieldKind, FilterField, substring_has
@@ -32,15 +32,14 @@ OUTPUT_ONLY = ("id", "create_time", "update_time", "delete_time", "etag", "post_
 FULL = user_pb2.USER_VIEW_FULL
 VIEWS = frozenset(user_pb2.UserView.values())
 
+_U = users_table.c
 FILTERABLE: dict[str, FilterField] = {
-    "id": FilterField(FieldKind.INT, User.id),
-    "username": FilterField(FieldKind.STRING, User.username),
-    "email": FilterField(FieldKind.STRING, User.email),
-    "display_name": FilterField(
-        FieldKind.STRING, User.display_name, substring_has(User.display_name)
-    ),
-    "create_time": FilterField(FieldKind.TIMESTAMP, User.create_time),
-    "update_time": FilterField(FieldKind.TIMESTAMP, User.update_time),
+    "id": FilterField(FieldKind.INT, _U.id),
+    "username": FilterField(FieldKind.STRING, _U.username),
+    "email": FilterField(FieldKind.STRING, _U.email),
+    "display_name": FilterField(FieldKind.STRING, _U.display_name, substring_has(_U.display_name)),
+    "create_time": FilterField(FieldKind.TIMESTAMP, _U.create_time),
+    "update_time": FilterField(FieldKind.TIMESTAMP, _U.update_time),
 }
 QUERY = QuerySpec("users", FILTERABLE, ORDERABLE, DEFAULT_ORDER)
 
@@ -279,8 +278,9 @@ class UserServicer:
 
                 def add(
                     message: user_pb2.StreamUsersResponse, row: Any, counts: dict[int, int] | None
-                ) -> None:
-                    add_user(message.users.add, row, counts.get(row.id, 0) if counts else 0)
+                ) -> int:
+                    count = counts.get(row.id, 0) if counts else 0
+                    return add_user(message.users.add, row, count)[1]
 
                 await send_batches(
                     call,
@@ -293,8 +293,8 @@ class UserServicer:
                     ),
                     prepare=prepare,
                     new_message=user_pb2.StreamUsersResponse,
+                    rows_field="users",
                     add=add,
-                    size_of=lambda row, _counts: user_size(row),
                     token_of=lambda row: QUERY.token(self._tokens, query, "resume_token", row),
                     max_rows=settings.stream_batch_rows,
                     max_bytes=settings.stream_batch_bytes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import (
     BigInteger,
@@ -11,6 +12,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     text,
 )
@@ -137,3 +139,12 @@ class TokenKey(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     secret: Mapped[bytes] = mapped_column(LargeBinary)
     create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# The tables themselves, for reads: a select of Table columns runs through SQLAlchemy
+# Core even inside a Session (no ORM loading step per row), which the hot read paths
+# (pages and streams) want.
+users_table = cast(Table, User.__table__)
+posts_table = cast(Table, Post.__table__)
+tags_table = cast(Table, Tag.__table__)
+post_tags_table = cast(Table, PostTag.__table__)

@@ -9,7 +9,15 @@ from typing import Any, TypeAlias
 from sqlalchemy import BigInteger, ColumnElement, Row, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import Post, PostTag, Tag, User
+from service.db.models import (
+    Post,
+    PostTag,
+    Tag,
+    post_tags_table,
+    posts_table,
+    tags_table,
+    users_table,
+)
 from service.db.types import utcnow
 from service.errors import Aborted, NotFound
 from service.repositories.dialect import driver_of, insert_ignore, one_of
@@ -17,31 +25,25 @@ from service.repositories.keyset import Ordering
 
 PostRow: TypeAlias = Row[*tuple[Any, ...]]
 
-POST_COLUMNS = (
-    Post.id,
-    Post.author_id,
-    Post.title,
-    Post.body,
-    Post.create_time,
-    Post.update_time,
-    Post.version,
-)
+_P = posts_table.c
+_U = users_table.c
+POST_COLUMNS = (_P.id, _P.author_id, _P.title, _P.body, _P.create_time, _P.update_time, _P.version)
 # The author's columns, joined in for POST_VIEW_FULL (one statement, like joinedload).
 AUTHOR_COLUMNS = (
-    User.username.label("author_username"),
-    User.email.label("author_email"),
-    User.display_name.label("author_display_name"),
-    User.bio.label("author_bio"),
-    User.create_time.label("author_create_time"),
-    User.update_time.label("author_update_time"),
-    User.delete_time.label("author_delete_time"),
-    User.version.label("author_version"),
+    _U.username.label("author_username"),
+    _U.email.label("author_email"),
+    _U.display_name.label("author_display_name"),
+    _U.bio.label("author_bio"),
+    _U.create_time.label("author_create_time"),
+    _U.update_time.label("author_update_time"),
+    _U.delete_time.label("author_delete_time"),
+    _U.version.label("author_version"),
 )
 
 ORDERABLE: Mapping[str, Any] = {
-    "id": Post.id,
-    "create_time": Post.create_time,
-    "title": Post.title,
+    "id": _P.id,
+    "create_time": _P.create_time,
+    "title": _P.title,
 }
 DEFAULT_ORDER = "create_time desc"
 # tags_of at driver level (PostgreSQL), the same query as its SQLAlchemy form.
@@ -54,14 +56,16 @@ _TAGS_OF = (
 def has_tag(value: Any) -> ColumnElement[bool]:
     """`tags:"go"`: posts linked to the tag (an EXISTS-style IN over post_tags)."""
     name = str(value).lower()
-    return Post.id.in_(
-        select(PostTag.post_id).join(Tag, Tag.id == PostTag.tag_id).where(Tag.name == name)
+    links = post_tags_table.c
+    tags = tags_table.c
+    return _P.id.in_(
+        select(links.post_id).join(tags_table, tags.id == links.tag_id).where(tags.name == name)
     )
 
 
 def _base(full: bool) -> Any:
     if full:
-        return select(*POST_COLUMNS, *AUTHOR_COLUMNS).join(User, User.id == Post.author_id)
+        return select(*POST_COLUMNS, *AUTHOR_COLUMNS).join(users_table, _U.id == _P.author_id)
     return select(*POST_COLUMNS)
 
 
@@ -163,7 +167,7 @@ class PostRepository:
         return stmt.order_by(*ordering.clauses())
 
     async def get(self, post_id: int, *, full: bool) -> PostRow:
-        row = (await self._session.execute(_base(full).where(Post.id == post_id))).first()
+        row = (await self._session.execute(_base(full).where(_P.id == post_id))).first()
         if row is None:
             raise NotFound("Post", post_id)
         return row

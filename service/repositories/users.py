@@ -22,28 +22,29 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import Post, User
+from service.db.models import User, posts_table, users_table
 from service.db.types import utcnow
 from service.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from service.repositories.dialect import RecordRow, driver_of, is_postgres, one_of
 from service.repositories.keyset import Ordering
 
+_U = users_table.c
 USER_COLUMNS = (
-    User.id,
-    User.username,
-    User.email,
-    User.display_name,
-    User.bio,
-    User.create_time,
-    User.update_time,
-    User.delete_time,
-    User.version,
+    _U.id,
+    _U.username,
+    _U.email,
+    _U.display_name,
+    _U.bio,
+    _U.create_time,
+    _U.update_time,
+    _U.delete_time,
+    _U.version,
 )
 
 ORDERABLE: Mapping[str, Any] = {
-    "id": User.id,
-    "username": User.username,
-    "create_time": User.create_time,
+    "id": _U.id,
+    "username": _U.username,
+    "create_time": _U.create_time,
 }
 DEFAULT_ORDER = "id"
 
@@ -163,7 +164,7 @@ class UserRepository:
         if driver is not None:  # the hottest read: skip SQLAlchemy's per-statement work
             record = await driver.fetchrow(_GET_BY_ID, user_id)
             return None if record is None else RecordRow(record)
-        result = await self._session.execute(select(*USER_COLUMNS).where(User.id == user_id))
+        result = await self._session.execute(select(*USER_COLUMNS).where(_U.id == user_id))
         return result.first()
 
     async def require(self, user_id: int) -> UserRow:
@@ -184,7 +185,7 @@ class UserRepository:
     ) -> Any:
         stmt = select(*USER_COLUMNS)
         if not show_deleted:
-            stmt = stmt.where(User.delete_time.is_(None))
+            stmt = stmt.where(_U.delete_time.is_(None))
         if where is not None:
             stmt = stmt.where(where)
         return stmt.order_by(*ordering.clauses())
@@ -231,12 +232,13 @@ class UserRepository:
 
     async def post_counts(self, user_ids: Sequence[int]) -> dict[int, int]:
         """Posts per user for a whole page or batch, in one aggregate query."""
+        posts = posts_table.c
         if not user_ids:
             return {}
         rows = await self._session.execute(
-            select(Post.author_id, func.count())
-            .where(one_of(self._session, Post.author_id, user_ids, BigInteger))
-            .group_by(Post.author_id)
+            select(posts.author_id, func.count())
+            .where(one_of(self._session, posts.author_id, user_ids, BigInteger))
+            .group_by(posts.author_id)
         )
         return {key: value for key, value in rows}
 
