@@ -46,13 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What the flags set; the environment gives the rest."""
     overrides: dict[str, Any] = {}
     if getattr(args, "listen", None):
         overrides["grpc_listen"] = args.listen
     if getattr(args, "database_url", None):
         overrides["database_url"] = args.database_url
-    return Settings(**overrides)
+    return overrides
 
 
 def _run(coroutine: Any) -> None:
@@ -93,26 +94,31 @@ def _serve(settings: Settings, *, migrate: bool, reuse_port: bool) -> None:
         sys.exit(1)
 
 
-def _worker(settings_json: str, index: int) -> None:
-    """A child of `serve --workers N`: a fresh interpreter with its own server and pool."""
-    settings = Settings.model_validate_json(settings_json)
+def _worker(overrides: dict[str, Any], index: int) -> None:
+    """A child of `serve --workers N`: a fresh interpreter with its own server and pool.
+
+    It reads its settings as the parent did (the environment it inherits, plus the
+    parent's flags), so secrets never pass through a serialised Settings object
+    (pydantic writes SecretStr as asterisks)."""
+    settings = Settings(**overrides)
     logs.configure(settings.log_level, settings.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns ^C into SIGTERM
     _serve(settings, migrate=False, reuse_port=True)
 
 
-def _serve_workers(settings: Settings, workers: int, *, migrate: bool) -> None:
+def _serve_workers(
+    settings: Settings, overrides: dict[str, Any], workers: int, *, migrate: bool
+) -> None:
     """Start N spawned children on one SO_REUSEPORT port; forward SIGTERM/SIGINT; wait."""
     if migrate:
         _migrate(settings)
     context = multiprocessing.get_context("spawn")  # never fork a process with gRPC state
-    payload = settings.model_dump_json()
     # By its importable name: under `python -m service` this module runs as __main__,
     # which a spawned child does not re-import (multiprocessing skips `*.__main__`),
     # so a target pickled as `__main__._worker` cannot be found there.
     worker = importlib.import_module("service.__main__")._worker
     children = [
-        context.Process(target=worker, args=(payload, i), name=f"worker-{i}", daemon=False)
+        context.Process(target=worker, args=(overrides, i), name=f"worker-{i}", daemon=False)
         for i in range(workers)
     ]
     for child in children:
@@ -143,8 +149,9 @@ def _serve_workers(settings: Settings, workers: int, *, migrate: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    overrides = _overrides(args)
     try:
-        settings = _settings(args)
+        settings = Settings(**overrides)
     except ValidationError as error:
         print(f"invalid configuration:\n{error}", file=sys.stderr)
         sys.exit(2)
@@ -152,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "migrate":
         _migrate(settings)
     elif args.workers > 1:
-        _serve_workers(settings, args.workers, migrate=args.migrate)
+        _serve_workers(settings, overrides, args.workers, migrate=args.migrate)
     elif args.workers == 1:
         _serve(settings, migrate=args.migrate, reuse_port=False)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class BlogServer:
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _readiness: ReadinessMonitor | None = field(default=None, init=False)
     _purger: Purger | None = field(default=None, init=False)
+    _refreeze: asyncio.TimerHandle | None = field(default=None, init=False)
 
     async def start(self, *, migrate: bool = False) -> None:
         settings = self.settings
@@ -108,6 +110,8 @@ class BlogServer:
         await self._readiness.start()
         self._purger = Purger(settings, self.db)
         self._purger.start()
+        _freeze_heap()
+        self._refreeze = asyncio.get_running_loop().call_later(30.0, _freeze_heap)
         log.info(
             "serving on %s (port %d), database %s",
             settings.grpc_listen,
@@ -184,11 +188,21 @@ class BlogServer:
             await self._readiness.stop()
         if self._purger is not None:
             await self._purger.stop()
+        if self._refreeze is not None:
+            self._refreeze.cancel()
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
             self._server = None
         await self.db.dispose()
+
+
+def _freeze_heap() -> None:
+    """Move what start-up (and, the second time, warm-up) allocated out of the garbage
+    collector's view: a full collection over ~100k long-lived objects took 70 ms, a
+    pause every request in flight waits out."""
+    gc.collect()
+    gc.freeze()
 
 
 async def serve(settings: Settings, *, migrate: bool = False, reuse_port: bool = False) -> None:

@@ -75,7 +75,8 @@ class Database:
             raise map_integrity_error(error) from error
         except Exception as error:
             if is_unavailable(error):
-                log.warning("database unavailable: %s", type(error).__name__)
+                # The server log may say what went wrong; the client gets no driver text.
+                log.warning("database unavailable: %s: %.300s", type(error).__name__, error)
                 raise Unavailable() from error
             raise
 

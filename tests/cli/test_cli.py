@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +314,35 @@ async def test_workers_share_the_port_and_stop_together(launcher: Launcher) -> N
     assert time.monotonic() - started < GRACE + EXIT_MARGIN
     for worker in workers:
         assert not worker.is_running(), f"worker {worker.pid} outlived its parent"
+
+
+async def test_workers_sign_page_tokens_with_the_real_secret(
+    launcher: Launcher, sqlite_url: str
+) -> None:
+    """PAGE_TOKEN_SECRET reaches every worker as it is (not as pydantic's masked form):
+    a token a worker issued is accepted by a plain server holding the same secret."""
+    secret = "worker-secret-" + uuid.uuid4().hex
+    workers_port = free_port()
+    workers = launcher.run(
+        "serve", "--migrate", "--workers", "2", port=workers_port, PAGE_TOKEN_SECRET=secret
+    )
+    await wait_serving(workers)
+    async with channel_to(workers_port) as channel:
+        stub = user_pb2_grpc.UserServiceStub(channel)
+        for _ in range(2):
+            await create_and_get(channel)
+        page = await stub.ListUsers(user_pb2.ListUsersRequest(page_size=1))
+    assert page.next_page_token
+    await stop_with(workers, signal.SIGTERM)
+    plain_port = free_port()
+    plain = launcher.run("serve", port=plain_port, PAGE_TOKEN_SECRET=secret)
+    await wait_serving(plain)
+    async with channel_to(plain_port) as channel:
+        following = await user_pb2_grpc.UserServiceStub(channel).ListUsers(
+            user_pb2.ListUsersRequest(page_size=1, page_token=page.next_page_token)
+        )
+    assert len(following.users) == 1
+    await stop_with(plain, signal.SIGTERM)
 
 
 async def test_a_dead_worker_takes_the_server_down(launcher: Launcher) -> None:
