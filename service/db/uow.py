@@ -7,12 +7,14 @@ domain errors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
 
+import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -61,14 +63,22 @@ class Database:
         """`async with db.unit_of_work() as session:` commits at the end, rolls back on error."""
         factory = getattr(self._factories, mode)
         try:
-            if mode == "read":
-                # Autocommit: nothing to commit or roll back, so no SessionTransaction
-                # ceremony on the hottest path; closing the session returns the connection.
-                async with factory() as session:
-                    yield session
-            else:
-                async with factory() as session, session.begin():
-                    yield session
+            async with factory() as session:
+                try:
+                    if mode == "read":
+                        # Autocommit: nothing to commit or roll back, so no
+                        # SessionTransaction ceremony on the hottest path.
+                        yield session
+                    else:
+                        async with session.begin():
+                            yield session
+                except Exception as error:
+                    if is_unavailable(error):
+                        # A driver-level statement may have hit a dead connection that
+                        # SQLAlchemy never saw fail: never give it back to the pool.
+                        with contextlib.suppress(Exception):
+                            await session.invalidate()
+                    raise
         except DomainError:
             raise
         except sa_exc.IntegrityError as error:
@@ -129,10 +139,14 @@ def is_unavailable(error: BaseException) -> bool:
 
 
 def _is_connection_error(error: BaseException) -> bool:
+    """Raw driver errors, from driver-level statements SQLAlchemy did not wrap."""
     if isinstance(error, OSError | ConnectionError | TimeoutError):
         return True
-    module = type(error).__module__
-    name = type(error).__name__
-    return module.startswith("asyncpg") and (
-        "Connection" in name or name in ("CannotConnectNowError", "TooManyConnectionsError")
+    return isinstance(
+        error,
+        asyncpg.exceptions.InterfaceError  # "connection is closed", "another operation..."
+        | asyncpg.exceptions.PostgresConnectionError
+        | asyncpg.exceptions.CannotConnectNowError
+        | asyncpg.exceptions.TooManyConnectionsError
+        | asyncpg.exceptions.AdminShutdownError,
     )

@@ -10,9 +10,6 @@ from sqlalchemy import BigInteger, ColumnElement, Row, delete, insert, select, u
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import (
-    Post,
-    PostTag,
-    Tag,
     post_tags_table,
     posts_table,
     tags_table,
@@ -79,7 +76,7 @@ class PostRepository:
         self, *, author_id: int, title: str, body: str, tags: Sequence[str]
     ) -> PostRow:
         now = utcnow()
-        stmt = insert(Post).returning(*POST_COLUMNS)
+        stmt = insert(posts_table).returning(*POST_COLUMNS)
         row = (
             await self._session.execute(
                 stmt,
@@ -105,35 +102,35 @@ class PostRepository:
         expected_version: int | None,
     ) -> PostRow:
         stmt = (
-            update(Post)
-            .where(Post.id == post_id)
-            .values(**values, update_time=utcnow(), version=Post.version + 1)
+            update(posts_table)
+            .where(_P.id == post_id)
+            .values(**values, update_time=utcnow(), version=_P.version + 1)
             .returning(*POST_COLUMNS)
         )
         if expected_version is not None:
-            stmt = stmt.where(Post.version == expected_version)
+            stmt = stmt.where(_P.version == expected_version)
         row = (await self._session.execute(stmt)).first()
         if row is None:
             await self._why_unmatched(post_id)
             raise AssertionError("unreachable")
         if tags is not None:
             # Replacement is atomic: it happens in the caller's one transaction.
-            await self._session.execute(delete(PostTag).where(PostTag.post_id == post_id))
+            await self._session.execute(
+                delete(post_tags_table).where(post_tags_table.c.post_id == post_id)
+            )
             await self._link_tags(post_id, tags)
         return row
 
     async def delete(self, post_id: int, *, expected_version: int | None) -> None:
         """Hard delete; the tag links go with it (ON DELETE CASCADE)."""
-        stmt = delete(Post).where(Post.id == post_id).returning(Post.id)
+        stmt = delete(posts_table).where(_P.id == post_id).returning(_P.id)
         if expected_version is not None:
-            stmt = stmt.where(Post.version == expected_version)
+            stmt = stmt.where(_P.version == expected_version)
         if (await self._session.execute(stmt)).first() is None:
             await self._why_unmatched(post_id)
 
     async def _why_unmatched(self, post_id: int) -> None:
-        current = (
-            await self._session.execute(select(Post.version).where(Post.id == post_id))
-        ).first()
+        current = (await self._session.execute(select(_P.version).where(_P.id == post_id))).first()
         if current is None:
             raise NotFound("Post", post_id)
         raise Aborted(
@@ -146,16 +143,17 @@ class PostRepository:
             return
         ids = await self._ensure_tags(names)
         await self._session.execute(
-            insert(PostTag), [{"post_id": post_id, "tag_id": ids[name]} for name in names]
+            insert(post_tags_table), [{"post_id": post_id, "tag_id": ids[name]} for name in names]
         )
 
     async def _ensure_tags(self, names: Sequence[str]) -> dict[str, int]:
         """Ids of the tags, creating missing ones without races: INSERT ... ON CONFLICT
         DO NOTHING, then read; a concurrent creator of the same tag simply wins."""
         await self._session.execute(
-            insert_ignore(self._session, Tag), [{"name": name} for name in names]
+            insert_ignore(self._session, tags_table), [{"name": name} for name in names]
         )
-        rows = await self._session.execute(select(Tag.name, Tag.id).where(Tag.name.in_(names)))
+        tags = tags_table.c
+        rows = await self._session.execute(select(tags.name, tags.id).where(tags.name.in_(names)))
         return {key: value for key, value in rows}
 
     # -- reads ------------------------------------------------------------------------
@@ -216,11 +214,13 @@ class PostRepository:
             for post_id, name in await driver.fetch(_TAGS_OF, post_ids):
                 tags[post_id].append(name)
             return tags
+        links = post_tags_table.c
+        names = tags_table.c
         rows = await self._session.execute(
-            select(PostTag.post_id, Tag.name)
-            .join(Tag, Tag.id == PostTag.tag_id)
-            .where(one_of(self._session, PostTag.post_id, post_ids, BigInteger))
-            .order_by(PostTag.post_id, Tag.name)
+            select(links.post_id, names.name)
+            .join(tags_table, names.id == links.tag_id)
+            .where(one_of(self._session, links.post_id, post_ids, BigInteger))
+            .order_by(links.post_id, names.name)
         )
         for post_id, name in rows:
             tags[post_id].append(name)

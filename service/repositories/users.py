@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from sqlalchemy import (
     BigInteger,
@@ -22,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import User, posts_table, users_table
+from service.db.models import posts_table, users_table
 from service.db.types import utcnow
 from service.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from service.repositories.dialect import RecordRow, driver_of, is_postgres, one_of
@@ -48,7 +48,7 @@ ORDERABLE: Mapping[str, Any] = {
 }
 DEFAULT_ORDER = "id"
 
-UserRow: TypeAlias = Row[*tuple[Any, ...]] | RecordRow
+UserRow: TypeAlias = "Row[*tuple[Any, ...]] | RecordRow | NewUser"
 # GetUser's statement at driver level (PostgreSQL); the same columns as USER_COLUMNS.
 _GET_BY_ID = (
     "SELECT id, username, email, display_name, bio, create_time, update_time, delete_time,"
@@ -58,6 +58,20 @@ _GET_BY_ID = (
 
 def normalize_email(email: str) -> str:
     return email.lower()
+
+
+class NewUser(NamedTuple):
+    """A row as inserted, for callers that need no more than what they sent and its id."""
+
+    id: int
+    username: str
+    email: str
+    display_name: str
+    bio: str
+    create_time: datetime
+    update_time: datetime
+    delete_time: datetime | None
+    version: int
 
 
 class UserRepository:
@@ -85,7 +99,7 @@ class UserRepository:
             }
             for e in entries
         ]
-        stmt = insert(User).returning(*USER_COLUMNS, sort_by_parameter_order=True)
+        stmt = insert(users_table).returning(*USER_COLUMNS, sort_by_parameter_order=True)
         result = await self._session.execute(stmt, params)
         return list(result.all())
 
@@ -105,9 +119,9 @@ class UserRepository:
             bindparam("bios", [e.get("bio", "") for e in entries], type_=text_array),
         ).table_valued("username", "email", "email_normalized", "display_name", "bio")
         source = source.render_derived(name="source")
-        stamp = bindparam("now", now, type_=User.create_time.type)
+        stamp = bindparam("now", now, type_=_U.create_time.type)
         stmt = (
-            insert(User)
+            insert(users_table)
             .from_select(
                 [
                     "username",
@@ -130,12 +144,25 @@ class UserRepository:
                     literal(1, BigInteger),
                 ),
             )
-            .returning(*USER_COLUMNS)
+            .returning(_U.username, _U.id)
         )
-        rows = (await self._session.execute(stmt)).all()
-        # RETURNING order is not promised; usernames are unique within a batch.
-        by_name = {row.username: row for row in rows}
-        return [by_name[e["username"]] for e in entries]
+        # Only the ids come back (everything else is what was sent); RETURNING order is
+        # not promised, and usernames are unique within a batch.
+        ids = {name: new_id for name, new_id in await self._session.execute(stmt)}
+        return [
+            NewUser(
+                ids[e["username"]],
+                e["username"],
+                e["email"],
+                e.get("display_name", ""),
+                e.get("bio", ""),
+                now,
+                now,
+                None,
+                1,
+            )
+            for e in entries
+        ]
 
     async def find_live_clashes(
         self, usernames: Sequence[str], emails: Sequence[str]
@@ -143,10 +170,10 @@ class UserRepository:
         """Which of these usernames and (normalised) emails live users already hold."""
         normalized = [normalize_email(e) for e in emails]
         rows = await self._session.execute(
-            select(User.username, User.email_normalized).where(
-                User.delete_time.is_(None),
-                one_of(self._session, User.username, usernames, String)
-                | one_of(self._session, User.email_normalized, normalized, String),
+            select(_U.username, _U.email_normalized).where(
+                _U.delete_time.is_(None),
+                one_of(self._session, _U.username, usernames, String)
+                | one_of(self._session, _U.email_normalized, normalized, String),
             )
         )
         taken_names: set[str] = set()
@@ -175,7 +202,7 @@ class UserRepository:
 
     async def lock_live(self, user_id: int) -> bool:
         """Share-lock a live user for the transaction, so it cannot be deleted meanwhile."""
-        stmt = select(User.id).where(User.id == user_id, User.delete_time.is_(None))
+        stmt = select(_U.id).where(_U.id == user_id, _U.delete_time.is_(None))
         if self._session.get_bind().dialect.name == "postgresql":
             stmt = stmt.with_for_update(read=True)
         return (await self._session.execute(stmt)).first() is not None
@@ -227,7 +254,9 @@ class UserRepository:
 
     async def purge_deleted(self, deleted_before: datetime) -> int:
         """Hard-delete users soft-deleted before the cut-off (their posts go too)."""
-        result = await self._session.execute(delete(User).where(User.delete_time < deleted_before))
+        result = await self._session.execute(
+            delete(users_table).where(_U.delete_time < deleted_before)
+        )
         return int(getattr(result, "rowcount", 0) or 0)
 
     async def post_counts(self, user_ids: Sequence[int]) -> dict[int, int]:
@@ -261,7 +290,7 @@ class UserRepository:
         # share lock; SQLite: the write lock of BEGIN IMMEDIATE), then read the clock, so
         # no post is ever created after its author's delete_time.
         await self._session.execute(
-            select(User.id).where(User.id == user_id).with_for_update(key_share=True)
+            select(_U.id).where(_U.id == user_id).with_for_update(key_share=True)
         )
         return await self._guarded_update(
             user_id, {"delete_time": utcnow()}, expected_version=expected_version, live=True
@@ -282,14 +311,14 @@ class UserRepository:
     ) -> UserRow:
         now: datetime = utcnow()
         stmt = (
-            update(User)
-            .where(User.id == user_id)
-            .where(User.delete_time.is_(None) if live else User.delete_time.is_not(None))
-            .values(**changes, update_time=now, version=User.version + 1)
+            update(users_table)
+            .where(_U.id == user_id)
+            .where(_U.delete_time.is_(None) if live else _U.delete_time.is_not(None))
+            .values(**changes, update_time=now, version=_U.version + 1)
             .returning(*USER_COLUMNS)
         )
         if expected_version is not None:
-            stmt = stmt.where(User.version == expected_version)
+            stmt = stmt.where(_U.version == expected_version)
         row = (await self._session.execute(stmt)).first()
         if row is not None:
             return row
