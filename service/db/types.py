@@ -22,6 +22,19 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
+    def bind_processor(self, dialect: Dialect) -> Any:
+        # asyncpg takes aware datetimes as they are: no Python call per value.
+        if dialect.name == "postgresql":
+            return None
+        return super().bind_processor(dialect)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        # asyncpg returns timestamptz as aware UTC datetimes already; streams read two
+        # per row, so skipping the per-value call matters there.
+        if dialect.name == "postgresql":
+            return None
+        return super().result_processor(dialect, coltype)
+
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
