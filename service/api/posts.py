@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -212,10 +212,8 @@ class PostServicer:
                 async def prepare(rows: Sequence[Any]) -> dict[int, list[str]]:
                     return await repo.tags_of([r.id for r in rows])
 
-                def add(
-                    message: post_pb2.StreamPostsResponse, row: Any, tags: dict[int, list[str]]
-                ) -> int:
-                    return add_post(message.posts.add, row, tags.get(row.id, ()), full=full)[1]
+                def add(put: Callable[..., Any], row: Any, tags: dict[int, list[str]]) -> int:
+                    return add_post(put, row, tags.get(row.id, ()), full=full)[1]
 
                 await send_batches(
                     call,

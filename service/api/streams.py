@@ -41,7 +41,7 @@ async def send_batches(
     prepare: Callable[[Sequence[Any]], Awaitable[Any]],
     new_message: Callable[[], M],
     rows_field: str,
-    add: Callable[[M, Any, Any], int],
+    add: Callable[[Callable[..., Any], Any, Any], int],
     token_of: Callable[[Any], str],
     max_rows: int,
     max_bytes: int,
@@ -51,8 +51,9 @@ async def send_batches(
     resume token of its last row.
 
     `prepare` runs once per batch (the batch's tag or count query); `add` puts one row
-    into the message's `rows_field` and returns about how many bytes it added; a row
-    that would overflow the message is taken back out and starts the next one.
+    into the message through the `add` of its repeated `rows_field` and returns about
+    how many bytes it added; a row that would overflow the message is taken back out
+    and starts the next one.
     `aclosing` matters: when the client cancels or its deadline passes, the
     CancelledError lands here, and the generator's `finally` must close the cursor at
     once so the connection goes back to the pool.
@@ -66,15 +67,17 @@ async def send_batches(
         async for rows in batches:
             extra = await prepare(rows)
             message = new_message()
+            put = getattr(message, rows_field).add
             count = size = 0
             last: Any = None
             for row in rows:
-                item = add(message, row, extra)
+                item = add(put, row, extra)
                 if count and size + item > max_bytes:
                     del getattr(message, rows_field)[-1]
                     await flush(message, last)
                     message = new_message()
-                    item = add(message, row, extra)
+                    put = getattr(message, rows_field).add
+                    item = add(put, row, extra)
                     count = size = 0
                 count += 1
                 size += item
@@ -82,6 +85,7 @@ async def send_batches(
                 if count >= max_rows:
                     await flush(message, last)
                     message = new_message()
+                    put = getattr(message, rows_field).add
                     count = size = 0
             if count:
                 await flush(message, last)

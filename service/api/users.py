@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from blog.v1 import user_pb2
@@ -276,11 +276,8 @@ class UserServicer:
                 async def prepare(rows: Sequence[Any]) -> dict[int, int] | None:
                     return await users.post_counts([r.id for r in rows]) if full else None
 
-                def add(
-                    message: user_pb2.StreamUsersResponse, row: Any, counts: dict[int, int] | None
-                ) -> int:
-                    count = counts.get(row.id, 0) if counts else 0
-                    return add_user(message.users.add, row, count)[1]
+                def add(put: Callable[..., Any], row: Any, counts: dict[int, int] | None) -> int:
+                    return add_user(put, row, counts.get(row.id, 0) if counts else 0)[1]
 
                 await send_batches(
                     call,
