@@ -33,3 +33,5 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic announces each of its plugins at INFO on every migrate; keep the rest.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -165,7 +165,8 @@ class BlogServer:
 
     async def _token_codec(self) -> TokenCodec:
         async def load_db_keys() -> list[tuple[str, bytes]]:
-            async with self.db.unit_of_work("read") as session:
+            # From the primary: a replica may not have the key this process just made.
+            async with self.db.unit_of_work("write") as session:
                 return await TokenKeyRepository(session).all()
 
         env_keys: list[tuple[str, bytes]] = []
