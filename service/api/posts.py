@@ -8,20 +8,18 @@ from typing import Any
 from google.protobuf import empty_pb2
 
 from blog.v1 import post_pb2
+from service.api.base import Servicer
 from service.api.convert import add_post, to_post_message
 from service.api.query import QuerySpec
 from service.api.rpc import Call
-from service.api.streams import StreamLimiter, send_batches
+from service.api.streams import send_batches
 from service.api.validation import Violations, check_id, masked_fields, request_digest
-from service.config import Settings
 from service.db.models import posts_table
-from service.db.uow import Database
 from service.errors import FailedPrecondition, InvalidArgument
 from service.filtering import FieldKind, FilterField, substring_has
 from service.repositories.idempotency import IdempotencyKey, IdempotencyRepository
 from service.repositories.posts import DEFAULT_ORDER, ORDERABLE, PostRepository, has_tag
 from service.repositories.users import UserRepository, version_of
-from service.tokens import TokenCodec
 
 MUTABLE = ("title", "body", "tags")
 IMMUTABLE = ("author_id",)
@@ -41,14 +39,9 @@ FILTERABLE: dict[str, FilterField] = {
 QUERY = QuerySpec("posts", FILTERABLE, ORDERABLE, DEFAULT_ORDER)
 
 
-class PostServicer:
-    def __init__(
-        self, *, db: Database, tokens: TokenCodec, streams: StreamLimiter, settings: Settings
-    ) -> None:
-        self._db = db
-        self._tokens = tokens
-        self._streams = streams
-        self._settings = settings
+class PostServicer(Servicer):
+    VIEWS = VIEWS
+    FULL_VIEW = FULL
 
     # -- validation -------------------------------------------------------------------
 
@@ -66,11 +59,6 @@ class PostServicer:
         if "tags" in fields:
             values["tags"] = violations.tags("post.tags", post.tags)
         return values
-
-    @staticmethod
-    def _view(violations: Violations, view: int) -> bool:
-        violations.enum("view", view, VIEWS)
-        return view == FULL
 
     # -- methods ----------------------------------------------------------------------
 

@@ -6,14 +6,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from blog.v1 import user_pb2
+from service.api.base import Servicer
 from service.api.convert import add_user, to_user_message
 from service.api.query import QuerySpec
 from service.api.rpc import Call
-from service.api.streams import StreamLimiter, send_batches
+from service.api.streams import send_batches
 from service.api.validation import Violations, check_id, masked_fields, request_digest
-from service.config import Settings
 from service.db.models import users_table
-from service.db.uow import Database
 from service.errors import AlreadyExists, InvalidArgument
 from service.filtering import FieldKind, FilterField, substring_has
 from service.repositories.idempotency import IdempotencyKey, IdempotencyRepository
@@ -24,7 +23,6 @@ from service.repositories.users import (
     normalize_email,
     version_of,
 )
-from service.tokens import TokenCodec
 
 MAX_BATCH = 1000
 MUTABLE = ("username", "email", "display_name", "bio")
@@ -44,14 +42,9 @@ FILTERABLE: dict[str, FilterField] = {
 QUERY = QuerySpec("users", FILTERABLE, ORDERABLE, DEFAULT_ORDER)
 
 
-class UserServicer:
-    def __init__(
-        self, *, db: Database, tokens: TokenCodec, streams: StreamLimiter, settings: Settings
-    ) -> None:
-        self._db = db
-        self._tokens = tokens
-        self._streams = streams
-        self._settings = settings
+class UserServicer(Servicer):
+    VIEWS = VIEWS
+    FULL_VIEW = FULL
 
     # -- validation -------------------------------------------------------------------
 
@@ -71,11 +64,6 @@ class UserServicer:
         if "bio" in fields and violations.text(f"{prefix}.bio", user.bio, max_length=2000):
             values["bio"] = user.bio
         return values
-
-    @staticmethod
-    def _view(violations: Violations, view: int) -> bool:
-        violations.enum("view", view, VIEWS)
-        return view == FULL
 
     # -- methods ----------------------------------------------------------------------
 

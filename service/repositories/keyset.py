@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import UnaryExpression
 
 from service.errors import InvalidArgument
@@ -82,3 +83,23 @@ def parse_order_by(
     elif keys[-1].name != "id":
         raise InvalidArgument.field(field, "fields after 'id' would never take effect")
     return Ordering(tuple(keys))
+
+
+def seek(stmt: Any, ordering: Ordering, after: Sequence[Any] | None) -> Any:
+    """The statement in `ordering`, from just after `after` (a page or resume position)."""
+    stmt = stmt.order_by(*ordering.clauses())
+    return stmt if after is None else stmt.where(ordering.after(after))
+
+
+async def stream_partitions(
+    session: AsyncSession, stmt: Any, *, batch_size: int
+) -> AsyncGenerator[Sequence[Any]]:
+    """`AsyncSession.stream` with `yield_per` (a server-side cursor on PostgreSQL), by
+    `partitions()`. Close it with `contextlib.aclosing`: its `finally` closes the cursor
+    when the consumer stops early (a cancelled call)."""
+    result = await session.stream(stmt.execution_options(yield_per=batch_size))
+    try:
+        async for partition in result.partitions():
+            yield partition
+    finally:
+        await result.close()

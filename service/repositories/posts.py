@@ -18,7 +18,7 @@ from service.db.models import (
 from service.db.types import utcnow
 from service.errors import Aborted, NotFound
 from service.repositories.dialect import driver_of, insert_ignore, one_of
-from service.repositories.keyset import Ordering
+from service.repositories.keyset import Ordering, seek, stream_partitions
 
 PostRow: TypeAlias = Row[*tuple[Any, ...]]
 
@@ -158,11 +158,10 @@ class PostRepository:
 
     # -- reads ------------------------------------------------------------------------
 
-    def _select(self, *, full: bool, where: ColumnElement[bool] | None, ordering: Ordering) -> Any:
+    @staticmethod
+    def _select(full: bool, where: ColumnElement[bool] | None) -> Any:
         stmt = _base(full)
-        if where is not None:
-            stmt = stmt.where(where)
-        return stmt.order_by(*ordering.clauses())
+        return stmt if where is None else stmt.where(where)
 
     async def get(self, post_id: int, *, full: bool) -> PostRow:
         row = (await self._session.execute(_base(full).where(_P.id == post_id))).first()
@@ -179,12 +178,10 @@ class PostRepository:
         after: Sequence[Any] | None,
         limit: int,
     ) -> list[PostRow]:
-        stmt = self._select(full=full, where=where, ordering=ordering)
-        if after is not None:
-            stmt = stmt.where(ordering.after(after))
+        stmt = seek(self._select(full, where), ordering, after)
         return list((await self._session.execute(stmt.limit(limit))).all())
 
-    async def stream(
+    def stream(
         self,
         *,
         full: bool,
@@ -194,15 +191,8 @@ class PostRepository:
         batch_size: int,
     ) -> AsyncGenerator[Sequence[PostRow]]:
         """Batches of rows from a server-side cursor; close it with contextlib.aclosing."""
-        stmt = self._select(full=full, where=where, ordering=ordering)
-        if after is not None:
-            stmt = stmt.where(ordering.after(after))
-        result = await self._session.stream(stmt.execution_options(yield_per=batch_size))
-        try:
-            async for partition in result.partitions():
-                yield partition
-        finally:
-            await result.close()
+        stmt = seek(self._select(full, where), ordering, after)
+        return stream_partitions(self._session, stmt, batch_size=batch_size)
 
     async def tags_of(self, post_ids: Sequence[int]) -> dict[int, list[str]]:
         """Sorted tag names of each post, for a whole page or batch in one query."""

@@ -26,7 +26,7 @@ from service.db.models import posts_table, users_table
 from service.db.types import utcnow
 from service.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from service.repositories.dialect import RecordRow, driver_of, is_postgres, one_of
-from service.repositories.keyset import Ordering
+from service.repositories.keyset import Ordering, seek, stream_partitions
 
 _U = users_table.c
 USER_COLUMNS = (
@@ -207,15 +207,12 @@ class UserRepository:
             stmt = stmt.with_for_update(read=True)
         return (await self._session.execute(stmt)).first() is not None
 
-    def _select(
-        self, *, where: ColumnElement[bool] | None, show_deleted: bool, ordering: Ordering
-    ) -> Any:
+    @staticmethod
+    def _select(*, where: ColumnElement[bool] | None, show_deleted: bool) -> Any:
         stmt = select(*USER_COLUMNS)
         if not show_deleted:
             stmt = stmt.where(_U.delete_time.is_(None))
-        if where is not None:
-            stmt = stmt.where(where)
-        return stmt.order_by(*ordering.clauses())
+        return stmt if where is None else stmt.where(where)
 
     async def list_page(
         self,
@@ -226,13 +223,11 @@ class UserRepository:
         after: Sequence[Any] | None,
         limit: int,
     ) -> list[UserRow]:
-        stmt = self._select(where=where, show_deleted=show_deleted, ordering=ordering)
-        if after is not None:
-            stmt = stmt.where(ordering.after(after))
+        stmt = seek(self._select(where=where, show_deleted=show_deleted), ordering, after)
         result = await self._session.execute(stmt.limit(limit))
         return list(result.all())
 
-    async def stream(
+    def stream(
         self,
         *,
         where: ColumnElement[bool] | None,
@@ -242,15 +237,8 @@ class UserRepository:
         batch_size: int,
     ) -> AsyncGenerator[Sequence[UserRow]]:
         """Batches of rows from a server-side cursor; close it with contextlib.aclosing."""
-        stmt = self._select(where=where, show_deleted=show_deleted, ordering=ordering)
-        if after is not None:
-            stmt = stmt.where(ordering.after(after))
-        result = await self._session.stream(stmt.execution_options(yield_per=batch_size))
-        try:
-            async for partition in result.partitions():
-                yield partition
-        finally:
-            await result.close()
+        stmt = seek(self._select(where=where, show_deleted=show_deleted), ordering, after)
+        return stream_partitions(self._session, stmt, batch_size=batch_size)
 
     async def purge_deleted(self, deleted_before: datetime) -> int:
         """Hard-delete users soft-deleted before the cut-off (their posts go too)."""
