@@ -85,8 +85,7 @@ class PostServicer(Servicer):
                             reason="REQUEST_ID_REUSED",
                         )
                     existing = await repo.get(prior.resource_id, full=False)
-                    found = await repo.tags_of([existing.id])
-                    return to_post_message(existing, found.get(existing.id, []), full=False)
+                    return to_post_message(existing, existing.tags, full=False)
             # Share-lock the author so a concurrent DeleteUser cannot slip in between.
             if not await UserRepository(session).lock_live(post.author_id):
                 raise FailedPrecondition(
@@ -106,11 +105,9 @@ class PostServicer(Servicer):
         violations.resource_id("id", request.id)
         full = self._view(violations, request.view)
         violations.raise_if_any()
-        async with self._db.unit_of_work("snapshot") as session:
-            repo = PostRepository(session)
-            row = await repo.get(request.id, full=full)
-            tags = await repo.tags_of([row.id])
-        return to_post_message(row, tags.get(row.id, []), full=full)
+        async with self._db.unit_of_work("read") as session:
+            row = await PostRepository(session).get(request.id, full=full)
+        return to_post_message(row, row.tags, full=full)
 
     async def list_posts(
         self, request: post_pb2.ListPostsRequest, call: Call
@@ -126,22 +123,21 @@ class PostServicer(Servicer):
             token=request.page_token,
             token_field="page_token",
         )
-        async with self._db.unit_of_work("snapshot") as session:
-            repo = PostRepository(session)
-            rows = await repo.list_page(
+        # One statement (tags come in a correlated subquery): an autocommit read.
+        async with self._db.unit_of_work("read") as session:
+            rows = await PostRepository(session).list_page(
                 full=full,
                 where=query.where,
                 ordering=query.ordering,
                 after=query.after,
                 limit=page_size + 1,
             )
-            more = len(rows) > page_size
-            rows = rows[:page_size]
-            tags = await repo.tags_of([r.id for r in rows])
+        more = len(rows) > page_size
+        rows = rows[:page_size]
         response = post_pb2.ListPostsResponse()
         add = response.posts.add
         for row in rows:
-            add_post(add, row, tags.get(row.id, ()), full=full)
+            add_post(add, row, row.tags, full=full)
         if more:
             response.next_page_token = QUERY.token(self._tokens, query, "page_token", rows[-1])
         return response

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Dialect, Integer
+from sqlalchemy import BigInteger, DateTime, Dialect, Integer, Text
 from sqlalchemy.types import TypeDecorator
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid); PostgreSQL gets bigint.
@@ -58,3 +58,19 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class TagList(TypeDecorator[list[str]]):
+    """A post's tag names gathered by a correlated subquery: a text[] on PostgreSQL
+    (`array(SELECT ... ORDER BY name)`), a comma-joined string on SQLite
+    (`group_concat`, whose order is not promised: sorted here). Tags hold no commas."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return sorted(value.split(",")) if value else []
+        return list(value)

@@ -6,7 +6,17 @@ from collections import defaultdict
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, TypeAlias
 
-from sqlalchemy import BigInteger, ColumnElement, Row, delete, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Row,
+    delete,
+    func,
+    insert,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import (
@@ -15,7 +25,7 @@ from service.db.models import (
     tags_table,
     users_table,
 )
-from service.db.types import utcnow
+from service.db.types import TagList, utcnow
 from service.errors import Aborted, NotFound
 from service.repositories.dialect import driver_of, insert_ignore, one_of
 from service.repositories.keyset import Ordering, seek, stream_partitions
@@ -60,10 +70,29 @@ def has_tag(value: Any) -> ColumnElement[bool]:
     )
 
 
-def _base(full: bool) -> Any:
-    if full:
-        return select(*POST_COLUMNS, *AUTHOR_COLUMNS).join(users_table, _U.id == _P.author_id)
-    return select(*POST_COLUMNS)
+def _tags_column(dialect: str) -> Any:
+    """Each post's tags in its own row (a correlated subquery), so a page or a single
+    post is one statement: an autocommit read with no transaction to open. Streams
+    load tags per batch instead (`tags_of`): per row this costs the database ~8 µs,
+    against ~1.6 µs a row for one query per batch of 1,000."""
+    links = post_tags_table.c
+    tags = tags_table.c
+    names = select(tags.name).join(post_tags_table, links.tag_id == tags.id)
+    names = names.where(links.post_id == _P.id)
+    column: Any
+    if dialect == "postgresql":
+        column = func.array(names.order_by(tags.name).scalar_subquery())
+    else:
+        column = names.with_only_columns(func.group_concat(tags.name, ",")).scalar_subquery()
+    return type_coerce(column, TagList()).label("tags")
+
+
+def _base(full: bool, *, tags_dialect: str | None = None) -> Any:
+    columns = [*POST_COLUMNS, *AUTHOR_COLUMNS] if full else list(POST_COLUMNS)
+    if tags_dialect is not None:
+        columns.append(_tags_column(tags_dialect))
+    stmt = select(*columns)
+    return stmt.join(users_table, _U.id == _P.author_id) if full else stmt
 
 
 class PostRepository:
@@ -158,13 +187,21 @@ class PostRepository:
 
     # -- reads ------------------------------------------------------------------------
 
+    @property
+    def _dialect(self) -> str:
+        return str(self._session.get_bind().dialect.name)
+
     @staticmethod
-    def _select(full: bool, where: ColumnElement[bool] | None) -> Any:
-        stmt = _base(full)
+    def _select(
+        full: bool, where: ColumnElement[bool] | None, *, tags_dialect: str | None = None
+    ) -> Any:
+        stmt = _base(full, tags_dialect=tags_dialect)
         return stmt if where is None else stmt.where(where)
 
     async def get(self, post_id: int, *, full: bool) -> PostRow:
-        row = (await self._session.execute(_base(full).where(_P.id == post_id))).first()
+        """The post with its tags (`row.tags`), in one statement."""
+        stmt = _base(full, tags_dialect=self._dialect).where(_P.id == post_id)
+        row = (await self._session.execute(stmt)).first()
         if row is None:
             raise NotFound("Post", post_id)
         return row
@@ -178,7 +215,8 @@ class PostRepository:
         after: Sequence[Any] | None,
         limit: int,
     ) -> list[PostRow]:
-        stmt = seek(self._select(full, where), ordering, after)
+        """One page of posts with their tags (`row.tags`), in one statement."""
+        stmt = seek(self._select(full, where, tags_dialect=self._dialect), ordering, after)
         return list((await self._session.execute(stmt.limit(limit))).all())
 
     def stream(
