@@ -59,10 +59,6 @@ class Call:
             raise asyncio.CancelledError(f"stream write failed: {error!r}") from error
 
 
-Unary = Callable[[Any, Call], Awaitable[protobuf_message.Message]]
-Streaming = Callable[[Any, Call], Awaitable[None]]
-
-
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
