@@ -17,8 +17,6 @@ service's own server options (service.server.server_options):
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -27,9 +25,9 @@ import asyncpg
 import grpc
 import uvloop
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bench.seed import asyncpg_dsn
+from bench.serving import serve_until_signalled
 from blog.v1 import post_pb2, user_pb2
 
 POSTS_SQL = (
@@ -149,20 +147,12 @@ async def serve(port: int, database_url: str) -> None:
             ),
         ]
     )
-    checks = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-        raise OSError(f"cannot listen on {port}")
-    await server.start()
-    for name in ("", "blog.v1.UserService", "blog.v1.PostService"):
-        await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    await stopping.wait()
-    await server.stop(0.5)
-    await ceilings.close()
+    try:
+        await serve_until_signalled(
+            server, port, ("", "blog.v1.UserService", "blog.v1.PostService")
+        )
+    finally:
+        await ceilings.close()
 
 
 def main() -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
+from bench.serving import serve_until_signalled
 from blog.v1 import user_pb2, user_pb2_grpc
 from service.db.models import User
 
@@ -62,19 +61,10 @@ async def serve(port: int, database_url: str) -> None:
         NaiveUserService(async_sessionmaker(engine)),  # type: ignore[abstract]
         server,
     )
-    checks = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-        raise OSError(f"cannot listen on {port}")
-    await server.start()
-    await checks.set("blog.v1.UserService", health_pb2.HealthCheckResponse.SERVING)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    await stopping.wait()
-    await server.stop(0.5)
-    await engine.dispose()
+    try:
+        await serve_until_signalled(server, port, ("blog.v1.UserService",))
+    finally:
+        await engine.dispose()
 
 
 def main() -> None:

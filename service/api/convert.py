@@ -34,7 +34,6 @@ def set_timestamp(target: Timestamp, value: datetime) -> None:
 
 def add_user(make: UserFactory, row: Any, post_count: int = 0) -> tuple[user_pb2.User, int]:
     """Build a user with `make`, and say about how many bytes it serializes to."""
-    epoch = _EPOCH
     display_name = row.display_name
     bio = row.bio
     user = make(
@@ -46,14 +45,8 @@ def add_user(make: UserFactory, row: Any, post_count: int = 0) -> tuple[user_pb2
         etag=etag_of(row.version),
         post_count=post_count,
     )
-    delta = row.create_time - epoch
-    stamp = user.create_time
-    stamp.seconds = delta.days * 86400 + delta.seconds
-    stamp.nanos = delta.microseconds * 1000
-    delta = row.update_time - epoch
-    stamp = user.update_time
-    stamp.seconds = delta.days * 86400 + delta.seconds
-    stamp.nanos = delta.microseconds * 1000
+    set_timestamp(user.create_time, row.create_time)
+    set_timestamp(user.update_time, row.update_time)
     if row.delete_time is not None:
         set_timestamp(user.delete_time, row.delete_time)
     return user, (
@@ -73,7 +66,6 @@ def add_post(
     make: PostFactory, row: Any, tags: Sequence[str] = _NO_TAGS, *, full: bool
 ) -> tuple[post_pb2.Post, int]:
     """Build a post with `make`, and say about how many bytes it serializes to."""
-    epoch = _EPOCH
     title = row.title
     body = row.body
     post = make(
@@ -84,14 +76,8 @@ def add_post(
         tags=tags,
         etag=etag_of(row.version),
     )
-    delta = row.create_time - epoch
-    stamp = post.create_time
-    stamp.seconds = delta.days * 86400 + delta.seconds
-    stamp.nanos = delta.microseconds * 1000
-    delta = row.update_time - epoch
-    stamp = post.update_time
-    stamp.seconds = delta.days * 86400 + delta.seconds
-    stamp.nanos = delta.microseconds * 1000
+    set_timestamp(post.create_time, row.create_time)
+    set_timestamp(post.update_time, row.update_time)
     size = (
         _FIXED_BYTES
         + (len(title) if title.isascii() else len(title.encode()))
