@@ -4,8 +4,11 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3.11
-VENV ?= .venv
+# PY_VERSION picks the interpreter (3.11, 3.12 or 3.13); each version gets its own venv,
+# so `make test PY_VERSION=3.13` never disturbs the everyday .venv.
+PY_VERSION ?= 3.11
+PYTHON ?= $(shell scripts/find-python $(PY_VERSION) 2>/dev/null || echo python$(PY_VERSION))
+VENV ?= $(if $(filter 3.11,$(PY_VERSION)),.venv,.venv-$(PY_VERSION))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements/dev.lock pyproject.toml | cksum | cut -d' ' -f1)
 BUF_VERSION := 1.75.0
@@ -14,11 +17,13 @@ BUF := $(TOOLS)/node_modules/.bin/buf
 PROTOS := $(wildcard protos/blog/v1/*.proto)
 
 .PHONY: help venv generate check lint typecheck buf-lint buf-breaking generated-fresh \
-        test run migrate bench bench-quick lock clean
+        test test-faults test-integration run migrate bench bench-quick lock clean
 
 help:
 	@echo "make run          serve on the embedded SQLite default (sets everything up)"
-	@echo "make test         run the test suite on PostgreSQL and SQLite"
+	@echo "make test         run the test suite on PostgreSQL and SQLite (PY_VERSION=3.12|3.13 too)"
+	@echo "make test-faults  the fault suite: database cuts, signals, leaks, fuzzing"
+	@echo "make test-integration  PgBouncer, a streaming replica, Prometheus"
 	@echo "make check        ruff, mypy --strict, buf lint/breaking, hadolint, generated code fresh"
 	@echo "make generate     regenerate generated/ from protos/"
 	@echo "make migrate      bring DATABASE_URL's schema to the newest revision"
@@ -28,7 +33,7 @@ help:
 venv: $(STAMP)
 
 $(STAMP): requirements/dev.lock pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11" >&2; exit 1; }
+	@scripts/find-python $(PY_VERSION) >/dev/null
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements/dev.lock
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
@@ -64,8 +69,16 @@ hadolint: $(STAMP)
 
 check: lint typecheck buf-lint buf-breaking generated-fresh hadolint
 
+# The everyday suite; the fault and integration suites start real processes and faults
+# (throwaway clusters, PgBouncer, Prometheus) and run in CI once, on 3.11.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests --ignore=tests/faults --ignore=tests/integration $(PYTEST_ARGS)
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 run: $(STAMP)
 	$(BIN)/python -m service serve --migrate
@@ -81,10 +94,10 @@ bench-quick: $(STAMP)
 
 lock:
 	$(PYTHON) -m pip install -q uv==0.13.9 --target $(TOOLS)/uv
-	PYTHONPATH=$(TOOLS)/uv $(PYTHON) -m uv pip compile pyproject.toml --generate-hashes -q \
-	    --python-version 3.11 --python-platform x86_64-unknown-linux-gnu -o requirements/runtime.lock
-	PYTHONPATH=$(TOOLS)/uv $(PYTHON) -m uv pip compile pyproject.toml --extra dev --generate-hashes -q \
-	    --python-version 3.11 --python-platform x86_64-unknown-linux-gnu -o requirements/dev.lock
+	PYTHONPATH=$(TOOLS)/uv $(PYTHON) -m uv pip compile pyproject.toml --universal --python-version 3.11 \
+	    --generate-hashes -q -o requirements/runtime.lock
+	PYTHONPATH=$(TOOLS)/uv $(PYTHON) -m uv pip compile pyproject.toml --universal --python-version 3.11 \
+	    --extra dev --generate-hashes -q -o requirements/dev.lock
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache blog.db blog.db-*
+	rm -rf .venv .venv-3.* $(TOOLS) .mypy_cache .ruff_cache .pytest_cache blog.db blog.db-*
