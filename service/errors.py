@@ -75,6 +75,47 @@ class InvalidArgument(DomainError):
         ]
 
 
+class FieldViolations:
+    """Collects field violations; `raise_if_any` ends the call with all of them."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+    def text(
+        self,
+        field: str,
+        value: str,
+        *,
+        max_length: int,
+        min_length: int = 0,
+        required: bool = False,
+    ) -> bool:
+        """Length in code points and no NUL; True when the value passed."""
+        if "\x00" in value:
+            self.add(field, "must not contain NUL characters")
+            return False
+        if required and not value:
+            self.add(field, "is required")
+            return False
+        length = len(value)
+        if length > max_length:
+            self.add(field, f"must be at most {max_length} characters (got {length})")
+            return False
+        if value and length < min_length:
+            self.add(field, f"must be at least {min_length} characters (got {length})")
+            return False
+        return True
+
+
 class NotFound(DomainError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
@@ -109,6 +150,18 @@ class AlreadyExists(DomainError):
         self.reason = reason
 
 
+def taken(reason: str, *, index: int | None = None, within: bool = False) -> AlreadyExists:
+    """USERNAME_TAKEN or EMAIL_TAKEN; in a batch, for entry `index` (a clash with a live
+    user, or `within` the batch itself)."""
+    what = "username" if reason == "USERNAME_TAKEN" else "email"
+    if index is None:
+        return AlreadyExists(reason, f"the {what} is taken by a live user")
+    where = "an earlier entry of the batch" if within else "a live user"
+    return AlreadyExists(
+        reason, f"requests[{index}]: the {what} is taken by {where}", metadata={"index": str(index)}
+    )
+
+
 class FailedPrecondition(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -129,6 +182,20 @@ class FailedPrecondition(DomainError):
         ]
 
 
+def author_not_live(author_id: int | None) -> FailedPrecondition:
+    """AUTHOR_NOT_LIVE: a post's author_id names no live user (None: not known, as when
+    the foreign key refused the row)."""
+    if author_id is None:
+        return FailedPrecondition(
+            "AUTHOR_NOT_LIVE", subject="author_id", description="the author is not a live user"
+        )
+    return FailedPrecondition(
+        "AUTHOR_NOT_LIVE",
+        subject=f"users/{author_id}",
+        description=f"author_id {author_id} names no live user",
+    )
+
+
 class Aborted(DomainError):
     """ETAG_MISMATCH or STREAM_STALLED: the caller may read again and retry."""
 
@@ -139,6 +206,18 @@ class Aborted(DomainError):
     ) -> None:
         super().__init__(message, metadata=metadata)
         self.reason = reason
+
+
+class EtagMismatch(Aborted):
+    """ETAG_MISMATCH. `current_version` is the row's version when the writer read it; the
+    API layer, which alone knows how a version is shown, names it as `current_etag`."""
+
+    def __init__(self, resource: str, *, current_version: int | None = None) -> None:
+        super().__init__(
+            "ETAG_MISMATCH",
+            f"the etag does not match the {resource}'s current etag; read it again",
+        )
+        self.current_version = current_version
 
 
 class Unavailable(DomainError):

@@ -19,11 +19,11 @@ from service.api.streams import StreamLimiter
 from service.api.users import UserServicer
 from service.auth import Authenticator
 from service.config import Settings
+from service.db.engine import Database
 from service.db.migrations import SchemaState, schema_status, upgrade
-from service.db.uow import Database
 from service.health import NOT_SERVING, SERVING, ReadinessMonitor
 from service.maintenance import Purger
-from service.repositories.token_keys import TokenKeyRepository
+from service.repositories.uow import Store
 from service.tokens import TokenCodec
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,16 @@ def server_options(settings: Settings, *, reuse_port: bool) -> list[tuple[str, i
 
 @dataclass
 class BlogServer:
-    """One server: its database, servicers and gRPC server. `start`, then `stop`."""
+    """One server: its database, servicers and gRPC server. `start`, then `stop`.
+
+    `db` holds the engines (`db.engine`, `db.read_engine`); `store` opens units of work.
+    """
 
     settings: Settings
     reuse_port: bool = False
     port: int = 0
     db: Database = field(init=False)
+    store: Store = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _readiness: ReadinessMonitor | None = field(default=None, init=False)
@@ -70,6 +74,7 @@ class BlogServer:
     async def start(self, *, migrate: bool = False) -> None:
         settings = self.settings
         self.db = Database(settings)
+        self.store = Store(self.db)
         try:
             await self._check_schema(migrate=migrate)
             tokens = await self._token_codec()
@@ -81,8 +86,8 @@ class BlogServer:
             authenticator=Authenticator.from_file(settings.auth_tokens_file),
             idle_timeout=settings.stream_idle_timeout,
         )
-        users = UserServicer(db=self.db, tokens=tokens, streams=streams, settings=settings)
-        posts = PostServicer(db=self.db, tokens=tokens, streams=streams, settings=settings)
+        users = UserServicer(store=self.store, tokens=tokens, streams=streams, settings=settings)
+        posts = PostServicer(store=self.store, tokens=tokens, streams=streams, settings=settings)
         server = grpc.aio.server(options=server_options(settings, reuse_port=self.reuse_port))
         server.add_generic_rpc_handlers(
             [
@@ -108,7 +113,7 @@ class BlogServer:
             await self.health.set(name, NOT_SERVING)
         self._readiness = ReadinessMonitor(settings, self.health, READINESS_SERVICES)
         await self._readiness.start()
-        self._purger = Purger(settings, self.db)
+        self._purger = Purger(settings, self.store)
         self._purger.start()
         _freeze_heap()
         self._refreeze = asyncio.get_running_loop().call_later(30.0, _freeze_heap)
@@ -166,15 +171,15 @@ class BlogServer:
     async def _token_codec(self) -> TokenCodec:
         async def load_db_keys() -> list[tuple[str, bytes]]:
             # From the primary: a replica may not have the key this process just made.
-            async with self.db.unit_of_work("write") as session:
-                return await TokenKeyRepository(session).all()
+            async with self.store.unit_of_work("write") as uow:
+                return await uow.token_keys.all()
 
         env_keys: list[tuple[str, bytes]] = []
         if self.settings.page_token_secret is not None:
             env_keys = TokenCodec.env_keys(self.settings.page_token_secret.get_secret_value())
         if not env_keys:
-            async with self.db.unit_of_work() as session:
-                await TokenKeyRepository(session).ensure_default()
+            async with self.store.unit_of_work() as uow:
+                await uow.token_keys.ensure_default()
         db_keys = await load_db_keys()
 
         async def reload() -> list[tuple[str, bytes]]:

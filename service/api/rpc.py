@@ -21,8 +21,9 @@ from google.protobuf import message as protobuf_message
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
+from service.api.convert import etag_of
 from service.auth import ANONYMOUS, Authenticator
-from service.errors import Aborted, DomainError, Internal, InvalidArgument, abort
+from service.errors import Aborted, DomainError, EtagMismatch, Internal, InvalidArgument, abort
 
 log = logging.getLogger("service.rpc")
 
@@ -130,6 +131,8 @@ class HandlerFactory:
                     )
                 return None if streaming else result
             except DomainError as error:
+                if isinstance(error, EtagMismatch) and error.current_version is not None:
+                    error.metadata["current_etag"] = etag_of(error.current_version)
                 log.info(
                     "%s %s reason=%s caller=%s %.1fms",
                     method,

@@ -24,9 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import posts_table, users_table
 from service.db.types import utcnow
-from service.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
-from service.repositories.dialect import RecordRow, driver_of, is_postgres, one_of
-from service.repositories.keyset import Ordering, seek, stream_partitions
+from service.errors import AlreadyExists, EtagMismatch, FailedPrecondition, NotFound
+from service.filtering import FieldKind, FilterField, substring_has
+from service.repositories.dialect import is_postgres, one_of
+from service.repositories.driver import RecordRow, driver_of
+from service.repositories.keyset import seek
+from service.repositories.query import Query, QuerySpec
+from service.repositories.streaming import stream_partitions
 
 _U = users_table.c
 USER_COLUMNS = (
@@ -41,12 +45,22 @@ USER_COLUMNS = (
     _U.version,
 )
 
-ORDERABLE: Mapping[str, Any] = {
-    "id": _U.id,
-    "username": _U.username,
-    "create_time": _U.create_time,
-}
-DEFAULT_ORDER = "id"
+# What ListUsers and StreamUsers may filter and order by (API.md), and the default order.
+USER_QUERY = QuerySpec(
+    "users",
+    filterable={
+        "id": FilterField(FieldKind.INT, _U.id),
+        "username": FilterField(FieldKind.STRING, _U.username),
+        "email": FilterField(FieldKind.STRING, _U.email),
+        "display_name": FilterField(
+            FieldKind.STRING, _U.display_name, substring_has(_U.display_name)
+        ),
+        "create_time": FilterField(FieldKind.TIMESTAMP, _U.create_time),
+        "update_time": FilterField(FieldKind.TIMESTAMP, _U.update_time),
+    },
+    orderable={"id": _U.id, "username": _U.username, "create_time": _U.create_time},
+    default_order="id",
+)
 
 UserRow: TypeAlias = "Row[*tuple[Any, ...]] | RecordRow | NewUser"
 # GetUser's statement at driver level (PostgreSQL); the same columns as USER_COLUMNS.
@@ -164,8 +178,23 @@ class UserRepository:
             for e in entries
         ]
 
-    async def find_live_clashes(
-        self, usernames: Sequence[str], emails: Sequence[str]
+    async def first_clash(self, entries: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
+        """The first entry whose username or email a live user holds, and the reason:
+        USERNAME_TAKEN before EMAIL_TAKEN when an entry clashes on both (API.md). The one
+        place that rule lives; asked after the unique indexes refused a write, since the
+        database names whichever index it checked first."""
+        names, emails = await self._live_clashes(
+            usernames=[e["username"] for e in entries], emails=[e["email"] for e in entries]
+        )
+        for index, entry in enumerate(entries):
+            if entry["username"] in names:
+                return index, "USERNAME_TAKEN"
+            if normalize_email(entry["email"]) in emails:
+                return index, "EMAIL_TAKEN"
+        return None
+
+    async def _live_clashes(
+        self, *, usernames: Sequence[str], emails: Sequence[str]
     ) -> tuple[set[str], set[str]]:
         """Which of these usernames and (normalised) emails live users already hold."""
         normalized = [normalize_email(e) for e in emails]
@@ -200,13 +229,6 @@ class UserRepository:
             raise NotFound("User", user_id)
         return row
 
-    async def lock_live(self, user_id: int) -> bool:
-        """Share-lock a live user for the transaction, so it cannot be deleted meanwhile."""
-        stmt = select(_U.id).where(_U.id == user_id, _U.delete_time.is_(None))
-        if self._session.get_bind().dialect.name == "postgresql":
-            stmt = stmt.with_for_update(read=True)
-        return (await self._session.execute(stmt)).first() is not None
-
     @staticmethod
     def _select(*, where: ColumnElement[bool] | None, show_deleted: bool) -> Any:
         stmt = select(*USER_COLUMNS)
@@ -214,30 +236,18 @@ class UserRepository:
             stmt = stmt.where(_U.delete_time.is_(None))
         return stmt if where is None else stmt.where(where)
 
-    async def list_page(
-        self,
-        *,
-        where: ColumnElement[bool] | None,
-        show_deleted: bool,
-        ordering: Ordering,
-        after: Sequence[Any] | None,
-        limit: int,
-    ) -> list[UserRow]:
-        stmt = seek(self._select(where=where, show_deleted=show_deleted), ordering, after)
-        result = await self._session.execute(stmt.limit(limit))
+    async def list_page(self, *, query: Query, show_deleted: bool, limit: int) -> list[UserRow]:
+        stmt = self._select(where=query.where, show_deleted=show_deleted)
+        result = await self._session.execute(seek(stmt, query.ordering, query.after).limit(limit))
         return list(result.all())
 
     def stream(
-        self,
-        *,
-        where: ColumnElement[bool] | None,
-        show_deleted: bool,
-        ordering: Ordering,
-        after: Sequence[Any] | None,
-        batch_size: int,
+        self, *, query: Query, show_deleted: bool, batch_size: int
     ) -> AsyncGenerator[Sequence[UserRow]]:
         """Batches of rows from a server-side cursor; close it with contextlib.aclosing."""
-        stmt = seek(self._select(where=where, show_deleted=show_deleted), ordering, after)
+        stmt = seek(
+            self._select(where=query.where, show_deleted=show_deleted), query.ordering, query.after
+        )
         return stream_partitions(self._session, stmt, batch_size=batch_size)
 
     async def purge_deleted(self, deleted_before: datetime) -> int:
@@ -260,7 +270,7 @@ class UserRepository:
         return {key: value for key, value in rows}
 
     async def update(
-        self, user_id: int, values: Mapping[str, Any], *, expected_version: int | None
+        self, user_id: int, *, values: Mapping[str, Any], expected_version: int | None
     ) -> UserRow:
         """Update a live user, guarded by its version when one is expected."""
         changes = dict(values)
@@ -322,21 +332,4 @@ class UserRepository:
             )
         if not live and current.delete_time is None:
             raise AlreadyExists("USER_NOT_DELETED", "the user is not deleted")
-        raise Aborted(
-            "ETAG_MISMATCH",
-            "the etag does not match the user's current etag; read it again",
-            metadata={"current_etag": etag_of(current.version)},
-        )
-
-
-def etag_of(version: int) -> str:
-    """The etag of a row at a version. Opaque to callers; changes on every write."""
-    return f"v{version}"
-
-
-def version_of(etag: str) -> int:
-    """The version an etag names; -1 (matches nothing) when it is not one of ours."""
-    digits = etag[1:]
-    if etag.startswith("v") and digits.isascii() and digits.isdigit() and len(digits) < 19:
-        return int(digits)
-    return -1
+        raise EtagMismatch("user", current_version=current.version)
