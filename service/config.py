@@ -78,10 +78,6 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
     def effective_stream_max_concurrent(self) -> int:
         """STREAM_MAX_CONCURRENT, by default half the pool (at least one)."""
         if self.stream_max_concurrent is not None:
