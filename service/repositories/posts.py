@@ -138,7 +138,7 @@ class PostRepository:
                 },
             )
         ).one()
-        await self._link_tags(row.id, tags)
+        await self._link_tags(row.id, names=tags)
         return row
 
     async def _lock_live_author(self, author_id: int) -> bool:
@@ -175,7 +175,7 @@ class PostRepository:
             await self._session.execute(
                 delete(post_tags_table).where(post_tags_table.c.post_id == post_id)
             )
-            await self._link_tags(post_id, tags)
+            await self._link_tags(post_id, names=tags)
         return row
 
     async def delete(self, post_id: int, *, expected_version: int | None) -> None:
@@ -192,7 +192,7 @@ class PostRepository:
             raise NotFound("Post", post_id)
         raise EtagMismatch("post")
 
-    async def _link_tags(self, post_id: int, names: Sequence[str]) -> None:
+    async def _link_tags(self, post_id: int, *, names: Sequence[str]) -> None:
         if not names:
             return
         ids = await self._ensure_tags(names)
@@ -214,7 +214,7 @@ class PostRepository:
 
     @staticmethod
     def _select(
-        full: bool, where: ColumnElement[bool] | None, *, tags_on_postgres: bool | None = None
+        *, full: bool, where: ColumnElement[bool] | None, tags_on_postgres: bool | None = None
     ) -> Any:
         stmt = _base(full, tags_on_postgres=tags_on_postgres)
         return stmt if where is None else stmt.where(where)
@@ -229,7 +229,9 @@ class PostRepository:
 
     async def list_page(self, *, query: Query, full: bool, limit: int) -> list[PostRow]:
         """One page of posts with their tags (`row.tags`), in one statement."""
-        stmt = self._select(full, query.where, tags_on_postgres=is_postgres(self._session))
+        stmt = self._select(
+            full=full, where=query.where, tags_on_postgres=is_postgres(self._session)
+        )
         stmt = seek(stmt, query.ordering, query.after).limit(limit)
         return list((await self._session.execute(stmt)).all())
 
@@ -238,7 +240,7 @@ class PostRepository:
     ) -> AsyncGenerator[Sequence[PostRow]]:
         """Batches of rows from a server-side cursor, without tags (`tags_of` loads them
         per batch); close it with contextlib.aclosing."""
-        stmt = seek(self._select(full, query.where), query.ordering, query.after)
+        stmt = seek(self._select(full=full, where=query.where), query.ordering, query.after)
         return stream_partitions(self._session, stmt, batch_size=batch_size)
 
     async def tags_of(self, post_ids: Sequence[int]) -> dict[int, list[str]]:

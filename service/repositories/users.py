@@ -99,7 +99,7 @@ class UserRepository:
         """Insert all rows in one statement; rows come back in the entries' order."""
         now = utcnow()
         if len(entries) > 1 and is_postgres(self._session):
-            return await self._create_many_unnest(entries, now)
+            return await self._create_many_unnest(entries, now=now)
         params = [
             {
                 "username": e["username"],
@@ -118,7 +118,7 @@ class UserRepository:
         return list(result.all())
 
     async def _create_many_unnest(
-        self, entries: Sequence[Mapping[str, Any]], now: datetime
+        self, entries: Sequence[Mapping[str, Any]], *, now: datetime
     ) -> list[UserRow]:
         """PostgreSQL: INSERT ... SELECT FROM unnest(arrays) RETURNING: five array
         parameters instead of eight per row, one round trip for the whole batch."""
@@ -277,10 +277,7 @@ class UserRepository:
         if "email" in changes:
             changes["email_normalized"] = normalize_email(changes["email"])
         return await self._guarded_update(
-            user_id,
-            changes,
-            expected_version=expected_version,
-            live=True,
+            user_id, changes=changes, expected_version=expected_version, live=True
         )
 
     async def soft_delete(self, user_id: int, *, expected_version: int | None) -> UserRow:
@@ -291,19 +288,19 @@ class UserRepository:
             select(_U.id).where(_U.id == user_id).with_for_update(key_share=True)
         )
         return await self._guarded_update(
-            user_id, {"delete_time": utcnow()}, expected_version=expected_version, live=True
+            user_id, changes={"delete_time": utcnow()}, expected_version=expected_version, live=True
         )
 
     async def undelete(self, user_id: int) -> UserRow:
         return await self._guarded_update(
-            user_id, {"delete_time": None}, expected_version=None, live=False
+            user_id, changes={"delete_time": None}, expected_version=None, live=False
         )
 
     async def _guarded_update(
         self,
         user_id: int,
-        changes: Mapping[str, Any],
         *,
+        changes: Mapping[str, Any],
         expected_version: int | None,
         live: bool,
     ) -> UserRow:
