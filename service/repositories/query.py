@@ -14,11 +14,10 @@ from typing import Any
 from sqlalchemy import ColumnElement
 
 from service.errors import FieldViolations, InvalidArgument
-from service.filtering import FilterError, FilterField, compile_filter
+from service.filtering import MAX_FILTER_LENGTH, FilterError, FilterField, compile_filter
 from service.repositories.ordering import Ordering, parse_order_by
 from service.tokens import TokenCodec, binding_of
 
-MAX_FILTER_CHARS = 2048
 MAX_ORDER_BY_CHARS = 256
 MAX_TOKEN_CHARS = 4096
 
@@ -64,7 +63,7 @@ class QuerySpec:
         filter, order and `bound_to` parameters."""
         where = None
         ordering = None
-        if violations.text("filter", filter_text, max_length=MAX_FILTER_CHARS):
+        if violations.text("filter", filter_text, max_length=MAX_FILTER_LENGTH):
             try:
                 where = compile_filter(filter_text, self.filterable)
             except FilterError as error:
