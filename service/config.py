@@ -21,7 +21,7 @@ def mask_url(url: str) -> str:
     """A database URL fit for a log line or an error message: the password masked."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         # Not parseable as a URL: mask whatever sits between `user:` and `@`.
         return re.sub(r"(//[^/@:]*:)[^@/]*@", r"\1***@", url)
 
@@ -82,7 +82,7 @@ class Settings(BaseSettings):
             )
         try:
             make_url(value)
-        except ArgumentError:
+        except (ArgumentError, ValueError):
             raise ValueError(f"{mask_url(value)} is not a valid SQLAlchemy URL") from None
         return value
 
