@@ -8,6 +8,7 @@ tests stay apart by unique data (tests/factories.py), not by rollback tricks.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -29,8 +30,19 @@ BACKENDS = ("postgresql", "sqlite")
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    server = ensure_postgres()
+def postgres(pytestconfig: pytest.Config) -> Iterator[PostgresServer]:
+    def announce(line: str) -> None:
+        """On the terminal even under -q and output capture, like pytest's own lines."""
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or capture is None:
+            print(line, file=sys.__stderr__, flush=True)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("")
+            reporter.write_line(line, yellow=True)
+
+    server = ensure_postgres(announce=announce)
     try:
         yield server
     finally:
