@@ -38,7 +38,7 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
         "errors and config are leaves every layer uses",
     ),
     (
-        ("service.tokens", "service.filtering", "service.auth", "service.logs"),
+        ("service.tokens", "service.filtering", "service.auth", "service.logs", "service.startup"),
         ("service.api", "service.repositories", "service.db", "service.server"),
         "helpers below every layer import only the leaves",
     ),

@@ -110,20 +110,26 @@ async def test_mtls_requires_a_client_certificate(backend: Backend, pki: Pki) ->
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
+def _rotatable(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pki]:
+    """Copies of the server's certificate and key to serve from, and a second PKI (another
+    CA) to rotate to."""
+    served = tmp_path_factory.mktemp("served")
+    cert, key = served / "server.crt", served / "server.key"
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    return cert, key, _make_pki(tmp_path_factory.mktemp("rotated"))
+
+
 async def test_a_rotated_certificate_reaches_new_connections_without_a_restart(
     backend: Backend, pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Replace the certificate files with ones from another CA: once the change is seen
     (polled here every 0.2 s), a new channel trusting only the new CA gets through and one
     trusting only the old CA does not."""
-    served = tmp_path_factory.mktemp("served")
-    cert, key = served / "server.crt", served / "server.key"
-    shutil.copy(pki.server_cert, cert)
-    shutil.copy(pki.server_key, key)
+    cert, key, new = _rotatable(pki, tmp_path_factory)
     settings = settings_for(
         backend.url, tls_cert_file=cert, tls_key_file=key, file_reload_interval=0.2
     )
-    new = _make_pki(tmp_path_factory.mktemp("rotated"))
     async with running_server(settings) as live:
         port = live.server.port
         async with _channel(port, pki, client_cert=False) as channel:
@@ -154,14 +160,10 @@ async def test_reload_files_rereads_the_certificate_at_once(
     backend: Backend, pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """What SIGHUP does: no waiting for the poll (an hour here)."""
-    served = tmp_path_factory.mktemp("served")
-    cert, key = served / "server.crt", served / "server.key"
-    shutil.copy(pki.server_cert, cert)
-    shutil.copy(pki.server_key, key)
+    cert, key, new = _rotatable(pki, tmp_path_factory)
     settings = settings_for(
         backend.url, tls_cert_file=cert, tls_key_file=key, file_reload_interval=3600
     )
-    new = _make_pki(tmp_path_factory.mktemp("rotated"))
     async with running_server(settings) as live:
         shutil.copy(new.server_key, key)
         shutil.copy(new.server_cert, cert)
