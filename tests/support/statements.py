@@ -58,18 +58,19 @@ _PROTOCOL_KINDS = {
 class Statement:
     kind: str
     sql: str
+    args: tuple[Any, ...] = ()  # the bound values of an `execute` or a cursor's `bind`
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.sql}"
+        return f"{self.kind}: {self.sql[:200]}"
 
 
 @dataclass
 class StatementLog:
     entries: list[Statement] = field(default_factory=list)
 
-    def add(self, kind: str, sql: Any) -> None:
+    def add(self, kind: str, sql: Any, args: Any = ()) -> None:
         text = " ".join(str(sql).split()) if sql is not None else ""
-        self.entries.append(Statement(kind, text[:200]))
+        self.entries.append(Statement(kind, text, tuple(args)))
 
     def round_trips(self, *, prepares: bool = False) -> int:
         """Round trips to the database; prepares are left out unless asked for, since
@@ -81,6 +82,11 @@ class StatementLog:
 
     def sql(self, kind: str | None = None) -> list[str]:
         return [e.sql for e in self.entries if kind is None or e.kind == kind]
+
+    def find(self, *kinds: str, containing: str = "") -> list[Statement]:
+        """Entries of these kinds whose SQL contains `containing` (case-insensitive)."""
+        needle = containing.lower()
+        return [e for e in self.entries if e.kind in kinds and needle in e.sql.lower()]
 
     def clear(self) -> None:
         self.entries.clear()
@@ -111,7 +117,8 @@ class _RecordingProtocol:
         log = self._log
 
         async def recorded(*args: Any, **kwargs: Any) -> Any:
-            log.add(kind, _sql_of(name, args, kwargs))
+            bound = args[1] if name in ("bind_execute", "bind") and len(args) > 1 else ()
+            log.add(kind, _sql_of(name, args, kwargs), bound)
             return await target(*args, **kwargs)
 
         return recorded
