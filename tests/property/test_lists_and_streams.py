@@ -175,76 +175,83 @@ def scoped(scope: str, node: Node | None) -> str:
     return f"{scope} AND ({text})"
 
 
+@dataclass(frozen=True)
+class Resource:
+    """How one resource is listed and streamed, and how its rows are compared."""
+
+    name: str  # the stub's attribute and the repeated field of responses
+    list_rpc: str
+    list_request: Callable[..., Any]
+    stream_rpc: str
+    stream_request: Callable[..., Any]
+    views: tuple[int, int]  # BASIC, FULL
+    facts: Callable[[Any, bool], tuple[Any, ...]]
+    expected: Callable[[dict[str, Any], bool], tuple[Any, ...]]
+
+
+USERS = Resource(
+    *("users", "ListUsers", user_pb2.ListUsersRequest),
+    *("StreamUsers", user_pb2.StreamUsersRequest),
+    (user_pb2.USER_VIEW_BASIC, user_pb2.USER_VIEW_FULL),
+    user_facts,
+    expected_user,
+)
+POSTS = Resource(
+    *("posts", "ListPosts", post_pb2.ListPostsRequest),
+    *("StreamPosts", post_pb2.StreamPostsRequest),
+    (post_pb2.POST_VIEW_BASIC, post_pb2.POST_VIEW_FULL),
+    post_facts,
+    expected_post,
+)
+
+
+async def check_query(
+    world: World,
+    data: st.DataObject,
+    resource: Resource,
+    rows: list[dict[str, Any]],
+    scope: str,
+    **request: Any,
+) -> None:
+    """Draw a filter, an order and a view; paging and streaming them over the seeded rows
+    both give what the reference gives for `rows`."""
+    text_order = world.reference.traits.text_order
+    node = data.draw(st.none() | filters(resource.name, rows, text_order=text_order))
+    order = data.draw(order_bys(resource.name, text_order=text_order), label="order_by")
+    full = data.draw(st.booleans(), label="FULL view")
+    selected = world.reference.select(rows, resource.name, node, order.keys)
+    expected = [resource.expected(row, full) for row in selected]
+    request.update(filter=scoped(scope, node), order_by=order.text, view=resource.views[full])
+    stub = getattr(world.live, resource.name)
+    walks = (
+        (walk_pages, resource.list_rpc, resource.list_request),
+        (walk_stream, resource.stream_rpc, resource.stream_request),
+    )
+    for walk, rpc, make in walks:
+        got = await walk(
+            getattr(stub, rpc),
+            lambda make=make, **more: make(**request, **more),
+            resource.name,
+            data,
+        )
+        assert [resource.facts(item, full) for item in got] == expected, rpc
+
+
 # -- the properties -----------------------------------------------------------------------
 
 
 @given(data=st.data(), dataset=data_sets())
 async def test_users_pages_and_streams_match_the_reference(world, data, dataset) -> None:
-    reference = world.reference
-    text_order = reference.traits.text_order
     async with seeded(world.engine, dataset) as rows:
-        node = data.draw(st.none() | filters("users", rows.users, text_order=text_order))
-        order = data.draw(order_bys("users", text_order=text_order), label="order_by")
         show_deleted = data.draw(st.booleans(), label="show_deleted")
-        full = data.draw(st.booleans(), label="FULL view")
         visible = [u for u in rows.users if show_deleted or not u["deleted"]]
-        expected = [
-            expected_user(u, full) for u in reference.select(visible, "users", node, order.keys)
-        ]
-        common = {
-            "filter": scoped(rows.user_scope, node),
-            "order_by": order.text,
-            "show_deleted": show_deleted,
-            "view": user_pb2.USER_VIEW_FULL if full else user_pb2.USER_VIEW_BASIC,
-        }
-        users = world.live.users
-        listed = await walk_pages(
-            users.ListUsers,
-            lambda **kw: user_pb2.ListUsersRequest(**common, **kw),
-            "users",
-            data,
-        )
-        assert [user_facts(u, full) for u in listed] == expected
-        streamed = await walk_stream(
-            users.StreamUsers,
-            lambda **kw: user_pb2.StreamUsersRequest(**common, **kw),
-            "users",
-            data,
-        )
-        assert [user_facts(u, full) for u in streamed] == expected
+        await check_query(world, data, USERS, visible, rows.user_scope, show_deleted=show_deleted)
 
 
 @given(data=st.data(), dataset=data_sets())
 async def test_posts_pages_and_streams_match_the_reference(world, data, dataset) -> None:
-    reference = world.reference
-    text_order = reference.traits.text_order
     async with seeded(world.engine, dataset) as rows:
-        node = data.draw(st.none() | filters("posts", rows.posts, text_order=text_order))
-        order = data.draw(order_bys("posts", text_order=text_order), label="order_by")
-        full = data.draw(st.booleans(), label="FULL view")
-        expected = [
-            expected_post(p, full) for p in reference.select(rows.posts, "posts", node, order.keys)
-        ]
-        common = {
-            "filter": scoped(rows.post_scope, node),
-            "order_by": order.text,
-            "view": post_pb2.POST_VIEW_FULL if full else post_pb2.POST_VIEW_BASIC,
-        }
-        posts = world.live.posts
-        listed = await walk_pages(
-            posts.ListPosts,
-            lambda **kw: post_pb2.ListPostsRequest(**common, **kw),
-            "posts",
-            data,
-        )
-        assert [post_facts(p, full) for p in listed] == expected
-        streamed = await walk_stream(
-            posts.StreamPosts,
-            lambda **kw: post_pb2.StreamPostsRequest(**common, **kw),
-            "posts",
-            data,
-        )
-        assert [post_facts(p, full) for p in streamed] == expected
+        await check_query(world, data, POSTS, rows.posts, rows.post_scope)
 
 
 @given(users_filter=hostile_filters("users"), posts_filter=hostile_filters("posts"))

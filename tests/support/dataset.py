@@ -59,6 +59,12 @@ def _tables() -> tuple[Any, Any, Any, Any]:
     return tables["users"], tables["posts"], tables["tags"], tables["post_tags"]
 
 
+async def _insert_all(connection: Any, table: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert `rows` in one statement; their new ids, in the rows' order."""
+    stmt = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+    return [row_id for (row_id,) in await connection.execute(stmt, rows)]
+
+
 async def _insert(engine: AsyncEngine, data: DataSet, seeded: Seeded) -> None:
     users, posts, tags, links = _tables()
     async with engine.begin() as connection:
@@ -76,29 +82,26 @@ async def _insert(engine: AsyncEngine, data: DataSet, seeded: Seeded) -> None:
             }
             for i, spec in enumerate(data.users)
         ]
-        result = await connection.execute(
-            insert(users).returning(users.c.id, sort_by_parameter_order=True), user_rows
-        )
-        for spec, row, (user_id,) in zip(data.users, user_rows, result, strict=True):
-            seeded.users.append(
-                {
-                    "id": user_id,
-                    "username": row["username"],
-                    "email": row["email"],
-                    "display_name": spec.display_name,
-                    "create_time": spec.create_time,
-                    "update_time": spec.update_time,
-                    "deleted": spec.deleted,
-                    "post_count": 0,
-                }
+        user_ids = await _insert_all(connection, users, user_rows)
+        seeded.users.extend(
+            {
+                **{key: getattr(spec, key) for key in ("display_name", "create_time")},
+                "id": user_id,
+                "username": row["username"],
+                "email": row["email"],
+                "update_time": spec.update_time,
+                "deleted": spec.deleted,
+                "post_count": sum(1 for p in data.posts if p.author == index),
+            }
+            for index, (spec, row, user_id) in enumerate(
+                zip(data.users, user_rows, user_ids, strict=True)
             )
-        for index, user in enumerate(seeded.users):
-            user["post_count"] = sum(1 for p in data.posts if p.author == index)
+        )
         if not data.posts:
             return
         post_rows = [
             {
-                "author_id": seeded.users[spec.author]["id"],
+                "author_id": user_ids[spec.author],
                 "title": spec.title,
                 "body": "",
                 "create_time": to_datetime(spec.create_time),
@@ -107,21 +110,17 @@ async def _insert(engine: AsyncEngine, data: DataSet, seeded: Seeded) -> None:
             }
             for spec in data.posts
         ]
-        result = await connection.execute(
-            insert(posts).returning(posts.c.id, sort_by_parameter_order=True), post_rows
+        post_ids = await _insert_all(connection, posts, post_rows)
+        seeded.posts.extend(
+            {
+                **{key: getattr(spec, key) for key in ("title", "create_time", "update_time")},
+                "id": post_id,
+                "author_id": user_ids[spec.author],
+                "author_username": seeded.users[spec.author]["username"],
+                "tags": spec.tags,
+            }
+            for spec, post_id in zip(data.posts, post_ids, strict=True)
         )
-        for spec, row, (post_id,) in zip(data.posts, post_rows, result, strict=True):
-            seeded.posts.append(
-                {
-                    "id": post_id,
-                    "author_id": row["author_id"],
-                    "author_username": seeded.users[spec.author]["username"],
-                    "title": spec.title,
-                    "create_time": spec.create_time,
-                    "update_time": spec.update_time,
-                    "tags": spec.tags,
-                }
-            )
         names = sorted({name for spec in data.posts for name in spec.tags})
         if not names:
             return
