@@ -317,8 +317,15 @@ class UserRepository:
         row = (await self._session.execute(stmt)).first()
         if row is not None:
             return row
-        # Nothing matched: find out why, in the same transaction.
-        current = await self.get(user_id)
+        # Nothing matched: find out why, in the same transaction. Lock the row while
+        # looking (PostgreSQL; SQLite's write lock is held already): under READ COMMITTED
+        # a write that committed after the UPDATE's snapshot (an undelete racing an
+        # update) may have made it match since, and only a locked row stays as read.
+        current = (
+            await self._session.execute(
+                select(*USER_COLUMNS).where(_U.id == user_id).with_for_update(key_share=True)
+            )
+        ).first()
         if current is None:
             raise NotFound("User", user_id)
         if live and current.delete_time is not None:
@@ -329,4 +336,11 @@ class UserRepository:
             )
         if not live and current.delete_time is None:
             raise AlreadyExists("USER_NOT_DELETED", "the user is not deleted")
-        raise EtagMismatch("user", current_version=current.version)
+        if expected_version is not None and current.version != expected_version:
+            raise EtagMismatch("user", current_version=current.version)
+        # The row moved into a state the UPDATE accepts after it looked (a caller that
+        # sent no etag must not hear ETAG_MISMATCH): locked now, so this one applies.
+        row = (await self._session.execute(stmt)).first()
+        if row is None:  # not reachable while the lock holds; never claim a false cause
+            raise EtagMismatch("user", current_version=current.version)
+        return row
