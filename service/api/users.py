@@ -12,6 +12,7 @@ from service.api.rpc import Call
 from service.api.streams import send_batches
 from service.api.validation import Violations, check_id, masked_fields
 from service.errors import AlreadyExists, InvalidArgument, taken
+from service.repositories.uow import UnitOfWork
 from service.repositories.users import USER_QUERY, normalize_email
 
 MAX_BATCH = 1000
@@ -51,23 +52,27 @@ class UserServicer(Servicer):
         values = self._user_fields(violations, request.user, "user", MUTABLE)
         request_id = violations.request_id("request_id", request.request_id)
         violations.raise_if_any()
+        key = self._idempotency_key(call, request_id)
+
+        async def work(uow: UnitOfWork) -> user_pb2.User:
+            users = uow.users
+
+            async def create() -> user_pb2.User:
+                return to_user_message(await users.create(values))
+
+            async def replay(user_id: int) -> user_pb2.User:
+                return to_user_message(await users.require(user_id))
+
+            return await uow.idempotency.create_once(
+                key,
+                payload=values,
+                create=create,
+                replay=replay,
+                resource_id_of=_id_of,
+            )
+
         try:
-            async with self._store.unit_of_work() as uow:
-                users = uow.users
-
-                async def create() -> user_pb2.User:
-                    return to_user_message(await users.create(values))
-
-                async def replay(user_id: int) -> user_pb2.User:
-                    return to_user_message(await users.require(user_id))
-
-                return await uow.idempotency.create_once(
-                    self._idempotency_key(call, request_id),
-                    payload=values,
-                    create=create,
-                    replay=replay,
-                    resource_id_of=_id_of,
-                )
+            return await self._write(call, work)
         except AlreadyExists as error:
             raise await self._username_first(error, [values]) from error
 
@@ -99,15 +104,17 @@ class UserServicer(Servicer):
         ]
         violations.raise_if_any()
         _reject_duplicates_within(entries)
+
+        async def work(uow: UnitOfWork) -> user_pb2.BatchCreateUsersResponse:
+            response = user_pb2.BatchCreateUsersResponse()
+            _add_users(response.users, await uow.users.create_many(entries), None)
+            return response
+
         try:
-            async with self._store.unit_of_work() as uow:
-                rows = await uow.users.create_many(entries)
+            return await self._write(call, work)
         except AlreadyExists as error:
             # The constraint refused the batch (nothing was written); say which entry.
             raise await self._username_first(error, entries, batch=True) from error
-        response = user_pb2.BatchCreateUsersResponse()
-        _add_users(response.users, rows, None)
-        return response
 
     async def get_user(self, request: user_pb2.GetUserRequest, call: Call) -> user_pb2.User:
         violations = Violations()
@@ -166,9 +173,12 @@ class UserServicer(Servicer):
         violations.text("user.etag", user.etag, max_length=64)
         violations.raise_if_any()
         expected = version_of(user.etag) if user.etag else None
+
+        async def work(uow: UnitOfWork) -> Any:
+            return await uow.users.update(user.id, values=values, expected_version=expected)
+
         try:
-            async with self._store.unit_of_work() as uow:
-                row = await uow.users.update(user.id, values=values, expected_version=expected)
+            row = await self._write(call, work)
         except AlreadyExists as error:
             if "username" not in values or "email" not in values:
                 raise
@@ -181,17 +191,22 @@ class UserServicer(Servicer):
         violations.text("etag", request.etag, max_length=64)
         violations.raise_if_any()
         expected = version_of(request.etag) if request.etag else None
-        async with self._store.unit_of_work() as uow:
-            row = await uow.users.soft_delete(request.id, expected_version=expected)
-        return to_user_message(row)
+
+        async def work(uow: UnitOfWork) -> Any:
+            return await uow.users.soft_delete(request.id, expected_version=expected)
+
+        return to_user_message(await self._write(call, work))
 
     async def undelete_user(
         self, request: user_pb2.UndeleteUserRequest, call: Call
     ) -> user_pb2.User:
         check_id("id", request.id)
+
+        async def work(uow: UnitOfWork) -> Any:
+            return await uow.users.undelete(request.id)
+
         try:
-            async with self._store.unit_of_work() as uow:
-                row = await uow.users.undelete(request.id)
+            row = await self._write(call, work)
         except AlreadyExists as error:
             if error.reason != "EMAIL_TAKEN":
                 raise

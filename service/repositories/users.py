@@ -131,13 +131,32 @@ class UserRepository:
             ),
             bindparam("names", [e.get("display_name", "") for e in entries], type_=text_array),
             bindparam("bios", [e.get("bio", "") for e in entries], type_=text_array),
-        ).table_valued("username", "email", "email_normalized", "display_name", "bio")
+        ).table_valued(
+            "username", "email", "email_normalized", "display_name", "bio", with_ordinality="ord"
+        )
         source = source.render_derived(name="source")
+        # Ids are drawn in the request's order (a volatile nextval keeps the subquery
+        # apart, evaluated as unnest yields), but rows go in in username order: two
+        # batches sharing usernames then take their index entries in one order and queue
+        # instead of deadlocking. Emails can still cross; Store.run retries that deadlock.
+        numbered = (
+            select(
+                func.nextval(func.pg_get_serial_sequence("users", "id")).label("id"),
+                source.c.username,
+                source.c.email,
+                source.c.email_normalized,
+                source.c.display_name,
+                source.c.bio,
+            )
+            .order_by(source.c.ord)
+            .subquery("numbered")
+        )
         stamp = bindparam("now", now, type_=_U.create_time.type)
         stmt = (
             insert(users_table)
             .from_select(
                 [
+                    "id",
                     "username",
                     "email",
                     "email_normalized",
@@ -148,15 +167,16 @@ class UserRepository:
                     "version",
                 ],
                 select(
-                    source.c.username,
-                    source.c.email,
-                    source.c.email_normalized,
-                    source.c.display_name,
-                    source.c.bio,
+                    numbered.c.id,
+                    numbered.c.username,
+                    numbered.c.email,
+                    numbered.c.email_normalized,
+                    numbered.c.display_name,
+                    numbered.c.bio,
                     stamp,
                     stamp,
                     literal(1, BigInteger),
-                ),
+                ).order_by(numbered.c.username),
             )
             .returning(_U.username, _U.id)
         )
