@@ -73,8 +73,10 @@ class PostServicer(Servicer):
                 key,
                 payload={"author_id": post.author_id, "tags": tags, **values},
                 create=create,
-                replay=replay,
+                encode=post_pb2.Post.SerializeToString,
+                decode=post_pb2.Post.FromString,
                 resource_id_of=_id_of,
+                replay=replay,
             )
 
         return await self._write(call, work)

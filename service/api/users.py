@@ -67,8 +67,10 @@ class UserServicer(Servicer):
                 key,
                 payload=values,
                 create=create,
-                replay=replay,
+                encode=user_pb2.User.SerializeToString,
+                decode=user_pb2.User.FromString,
                 resource_id_of=_id_of,
+                replay=replay,
             )
 
         try:
@@ -102,13 +104,24 @@ class UserServicer(Servicer):
             self._user_fields(violations, entry.user, f"requests[{i}].user", MUTABLE)
             for i, entry in enumerate(request.requests)
         ]
+        request_id = violations.request_id("request_id", request.request_id)
         violations.raise_if_any()
         _reject_duplicates_within(entries)
+        key = self._idempotency_key(call, request_id)
 
         async def work(uow: UnitOfWork) -> user_pb2.BatchCreateUsersResponse:
-            response = user_pb2.BatchCreateUsersResponse()
-            _add_users(response.users, await uow.users.create_many(entries), None)
-            return response
+            async def create() -> user_pb2.BatchCreateUsersResponse:
+                response = user_pb2.BatchCreateUsersResponse()
+                _add_users(response.users, await uow.users.create_many(entries), None)
+                return response
+
+            return await uow.idempotency.create_once(
+                key,
+                payload={"requests": entries},
+                create=create,
+                encode=user_pb2.BatchCreateUsersResponse.SerializeToString,
+                decode=user_pb2.BatchCreateUsersResponse.FromString,
+            )
 
         try:
             return await self._write(call, work)
