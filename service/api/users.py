@@ -79,15 +79,22 @@ class UserServicer(Servicer):
             raise await self._username_first(error, [values]) from error
 
     async def _username_first(
-        self, error: AlreadyExists, entries: list[dict[str, Any]], *, batch: bool = False
+        self,
+        error: AlreadyExists,
+        entries: list[dict[str, Any]],
+        *,
+        batch: bool = False,
+        exclude_id: int | None = None,
     ) -> AlreadyExists:
         """The clash to report once the unique indexes refused a write: the database
-        names whichever index it checked first, so ask again (a fresh read) which entry
-        clashes and on what (`UserRepository.first_clash`: the username first)."""
+        names whichever index it checked first, so ask again which entry clashes and on
+        what (`UserRepository.first_clash`: the username first). Asked of the primary,
+        in a unit of work of its own (the failed one is rolled back): the primary has
+        the row that clashed, a replica may not have it yet."""
         if not batch and error.reason != "EMAIL_TAKEN":
             return error
-        async with self._store.unit_of_work("read") as uow:
-            clash = await uow.users.first_clash(entries)
+        async with self._store.unit_of_work("write") as uow:
+            clash = await uow.users.first_clash(entries, exclude_id=exclude_id)
         if clash is None:
             return error
         index, reason = clash
@@ -195,7 +202,7 @@ class UserServicer(Servicer):
         except AlreadyExists as error:
             if "username" not in values or "email" not in values:
                 raise
-            raise await self._username_first(error, [values]) from error
+            raise await self._username_first(error, [values], exclude_id=user.id) from error
         return to_user_message(row)
 
     async def delete_user(self, request: user_pb2.DeleteUserRequest, call: Call) -> user_pb2.User:
@@ -223,7 +230,7 @@ class UserServicer(Servicer):
         except AlreadyExists as error:
             if error.reason != "EMAIL_TAKEN":
                 raise
-            async with self._store.unit_of_work("read") as uow:
+            async with self._store.unit_of_work("write") as uow:  # the primary, as above
                 current = await uow.users.get(request.id)
             if current is None:
                 raise

@@ -198,13 +198,18 @@ class UserRepository:
             for e in entries
         ]
 
-    async def first_clash(self, entries: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
+    async def first_clash(
+        self, entries: Sequence[Mapping[str, Any]], *, exclude_id: int | None = None
+    ) -> tuple[int, str] | None:
         """The first entry whose username or email a live user holds, and the reason:
         USERNAME_TAKEN before EMAIL_TAKEN when an entry clashes on both (API.md). The one
         place that rule lives; asked after the unique indexes refused a write, since the
-        database names whichever index it checked first."""
+        database names whichever index it checked first. `exclude_id`: the user being
+        updated, whose own username is no clash."""
         names, emails = await self._live_clashes(
-            usernames=[e["username"] for e in entries], emails=[e["email"] for e in entries]
+            usernames=[e["username"] for e in entries],
+            emails=[e["email"] for e in entries],
+            exclude_id=exclude_id,
         )
         for index, entry in enumerate(entries):
             if entry["username"] in names:
@@ -214,17 +219,18 @@ class UserRepository:
         return None
 
     async def _live_clashes(
-        self, *, usernames: Sequence[str], emails: Sequence[str]
+        self, *, usernames: Sequence[str], emails: Sequence[str], exclude_id: int | None
     ) -> tuple[set[str], set[str]]:
         """Which of these usernames and (normalised) emails live users already hold."""
         normalized = [normalize_email(e) for e in emails]
-        rows = await self._session.execute(
-            select(_U.username, _U.email_normalized).where(
-                _U.delete_time.is_(None),
-                one_of(self._session, _U.username, usernames, String)
-                | one_of(self._session, _U.email_normalized, normalized, String),
-            )
+        stmt = select(_U.username, _U.email_normalized).where(
+            _U.delete_time.is_(None),
+            one_of(self._session, _U.username, usernames, String)
+            | one_of(self._session, _U.email_normalized, normalized, String),
         )
+        if exclude_id is not None:
+            stmt = stmt.where(_U.id != exclude_id)
+        rows = await self._session.execute(stmt)
         taken_names: set[str] = set()
         taken_emails: set[str] = set()
         names, mails = set(usernames), set(normalized)
