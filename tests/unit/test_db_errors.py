@@ -110,40 +110,33 @@ async def test_run_retries_a_deadlock_with_a_fresh_unit_of_work(store: Store) ->
     assert len({id(u) for u in seen}) == 3
 
 
-async def test_run_gives_up_after_its_attempts(store: Store) -> None:
-    attempts = 0
+@pytest.mark.parametrize(
+    ("error", "time_left", "expected", "attempts"),
+    [
+        # A conflict that never goes away: every attempt, then TRANSACTION_CONFLICT.
+        (
+            _wrapped(asyncpg.exceptions.SerializationError("could not serialize")),
+            None,
+            TransactionConflict,
+            uow_module.RUN_ATTEMPTS,
+        ),
+        # No time left before the call's deadline: no second attempt.
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock"), 0.0, TransactionConflict, 1),
+        # Anything else is not retried.
+        (asyncpg.exceptions.QueryCanceledError("statement timeout"), None, DatabaseTimeout, 1),
+    ],
+    ids=["gives-up", "deadline", "not-a-conflict"],
+)
+async def test_run_stops_retrying(
+    store: Store, error: Exception, time_left: float | None, expected: type, attempts: int
+) -> None:
+    seen = 0
 
     async def work(uow: UnitOfWork) -> None:
-        nonlocal attempts
-        attempts += 1
-        raise _wrapped(asyncpg.exceptions.SerializationError("could not serialize"))
+        nonlocal seen
+        seen += 1
+        raise error
 
-    with pytest.raises(TransactionConflict):
-        await store.run(work)
-    assert attempts == uow_module.RUN_ATTEMPTS
-
-
-async def test_run_never_retries_past_the_deadline(store: Store) -> None:
-    attempts = 0
-
-    async def work(uow: UnitOfWork) -> None:
-        nonlocal attempts
-        attempts += 1
-        raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
-
-    with pytest.raises(TransactionConflict):
-        await store.run(work, time_left=0.0)
-    assert attempts == 1
-
-
-async def test_run_lets_other_errors_through_at_once(store: Store) -> None:
-    attempts = 0
-
-    async def work(uow: UnitOfWork) -> None:
-        nonlocal attempts
-        attempts += 1
-        raise asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout")
-
-    with pytest.raises(DatabaseTimeout):
-        await store.run(work)
-    assert attempts == 1
+    with pytest.raises(expected):
+        await store.run(work, time_left=time_left)
+    assert seen == attempts
