@@ -30,7 +30,7 @@ _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: ([\w.]+)")
 # SQLSTATEs (PostgreSQL appendix A) of transient failures. Retried inside the service
 # (Store.run): the unit of work was rolled back and may simply run again.
 CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
-# The database cannot serve this call now; the client retries later (DECISIONS.md 16).
+# The database cannot serve this call now; the client retries later (DECISIONS.md 22).
 UNAVAILABLE_SQLSTATES = frozenset(
     {
         "57P01",  # admin_shutdown
@@ -38,7 +38,7 @@ UNAVAILABLE_SQLSTATES = frozenset(
         "57P03",  # cannot_connect_now (starting up, or shutting down)
         "53300",  # too_many_connections
         "25006",  # read_only_sql_transaction: a primary that is a standby after failover
-        "55P03",  # lock_not_available (lock_timeout): see DECISIONS.md 16
+        "55P03",  # lock_not_available (lock_timeout): see DECISIONS.md 22
     }
 )
 # The connection itself is no good for another call: drop it rather than pool it.

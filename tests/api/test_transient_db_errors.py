@@ -150,7 +150,7 @@ async def test_the_database_statement_timeout_is_deadline_exceeded(database: Dat
 
 
 async def test_a_lock_timeout_is_unavailable(database: Database) -> None:
-    """DECISIONS.md 16: the call did nothing and may be sent again as it is."""
+    """DECISIONS.md 22: the call did nothing and may be sent again as it is."""
     url = await database(lock_timeout="200ms")
     async with running_server(settings_for(url)) as live:
         user = await live.users.CreateUser(create_user_request())
