@@ -197,7 +197,7 @@ def author_not_live(author_id: int | None) -> FailedPrecondition:
 
 
 class Aborted(DomainError):
-    """ETAG_MISMATCH or STREAM_STALLED: the caller may read again and retry."""
+    """ETAG_MISMATCH, STREAM_STALLED or TRANSACTION_CONFLICT: the caller may retry."""
 
     code = grpc.StatusCode.ABORTED
 
@@ -220,6 +220,28 @@ class EtagMismatch(Aborted):
         self.current_version = current_version
 
 
+class TransactionConflict(Aborted):
+    """TRANSACTION_CONFLICT: a serialization failure or deadlock that the service's own
+    retries (Store.run) did not get past; the call may be retried as it is."""
+
+    def __init__(self, *, retry_after: float = 0.1) -> None:
+        super().__init__(
+            "TRANSACTION_CONFLICT", "the transaction conflicted with another one; retry"
+        )
+        self.retry_after = retry_after
+
+    def details(self) -> list[object]:
+        return [_retry_info(self.retry_after)]
+
+
+def _retry_info(after: float) -> error_details_pb2.RetryInfo:
+    seconds = int(after)
+    nanos = int((after - seconds) * 1e9)
+    return error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos)
+    )
+
+
 class Unavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "DATABASE_UNAVAILABLE"
@@ -231,13 +253,7 @@ class Unavailable(DomainError):
         self.retry_after = retry_after
 
     def details(self) -> list[object]:
-        seconds = int(self.retry_after)
-        nanos = int((self.retry_after - seconds) * 1e9)
-        return [
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos)
-            )
-        ]
+        return [_retry_info(self.retry_after)]
 
 
 class ResourceExhausted(DomainError):
@@ -261,6 +277,15 @@ class Unauthenticated(DomainError):
 class DeadlineExceeded(DomainError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
+
+
+class DatabaseTimeout(DeadlineExceeded):
+    """The database's own statement_timeout cancelled a statement."""
+
+    reason = "DATABASE_TIMEOUT"
+
+    def __init__(self) -> None:
+        super().__init__("the database statement timed out")
 
 
 class Internal(DomainError):

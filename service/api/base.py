@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, TypeVar
 
 from service.api.rpc import Call
 from service.api.streams import StreamLimiter
 from service.api.validation import Violations
 from service.config import Settings
 from service.repositories.idempotency import IdempotencyKey
-from service.repositories.uow import Store
+from service.repositories.uow import Store, UnitOfWork
 from service.tokens import TokenCodec
+
+T = TypeVar("T")
 
 
 class Servicer:
@@ -37,3 +40,10 @@ class Servicer:
     def _idempotency_key(call: Call, request_id: str) -> IdempotencyKey | None:
         """Creates are idempotent per caller, method and request_id; None without one."""
         return IdempotencyKey(call.caller, call.method, request_id) if request_id else None
+
+    async def _write(self, call: Call, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        """Every write: `work(uow)` in a write unit of work on the primary, run again if
+        the database rolls it back for a serialization failure or deadlock, within the
+        call's deadline (Store.run). `work` holds the whole body, since a retry must
+        repeat all of it; reads keep their own `unit_of_work`."""
+        return await self._store.run(work, time_left=call.context.time_remaining())

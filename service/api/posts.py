@@ -14,6 +14,7 @@ from service.api.rpc import Call
 from service.api.streams import send_batches
 from service.api.validation import Violations, check_id, masked_fields
 from service.repositories.posts import POST_QUERY
+from service.repositories.uow import UnitOfWork
 
 MUTABLE = ("title", "body", "tags")
 IMMUTABLE = ("author_id",)
@@ -53,7 +54,9 @@ class PostServicer(Servicer):
         request_id = violations.request_id("request_id", request.request_id)
         violations.raise_if_any()
         tags: list[str] = values.pop("tags")
-        async with self._store.unit_of_work() as uow:
+        key = self._idempotency_key(call, request_id)
+
+        async def work(uow: UnitOfWork) -> post_pb2.Post:
             posts = uow.posts
 
             async def create() -> post_pb2.Post:
@@ -67,12 +70,16 @@ class PostServicer(Servicer):
                 return to_post_message(row, row.tags, full=False)
 
             return await uow.idempotency.create_once(
-                self._idempotency_key(call, request_id),
+                key,
                 payload={"author_id": post.author_id, "tags": tags, **values},
                 create=create,
-                replay=replay,
+                encode=post_pb2.Post.SerializeToString,
+                decode=post_pb2.Post.FromString,
                 resource_id_of=_id_of,
+                replay=replay,
             )
+
+        return await self._write(call, work)
 
     async def get_post(self, request: post_pb2.GetPostRequest, call: Call) -> post_pb2.Post:
         violations = Violations()
@@ -127,12 +134,14 @@ class PostServicer(Servicer):
         violations.raise_if_any()
         tags: list[str] | None = values.pop("tags", None)
         expected = version_of(post.etag) if post.etag else None
-        async with self._store.unit_of_work() as uow:
+
+        async def work(uow: UnitOfWork) -> post_pb2.Post:
             posts = uow.posts
             row = await posts.update(post.id, values=values, tags=tags, expected_version=expected)
-            if tags is None:
-                tags = (await posts.tags_of([row.id])).get(row.id, [])
-        return to_post_message(row, tags, full=False)
+            shown = (await posts.tags_of([row.id])).get(row.id, []) if tags is None else tags
+            return to_post_message(row, shown, full=False)
+
+        return await self._write(call, work)
 
     async def delete_post(self, request: post_pb2.DeletePostRequest, call: Call) -> empty_pb2.Empty:
         check_id("id", request.id)
@@ -140,8 +149,11 @@ class PostServicer(Servicer):
         violations.text("etag", request.etag, max_length=64)
         violations.raise_if_any()
         expected = version_of(request.etag) if request.etag else None
-        async with self._store.unit_of_work() as uow:
+
+        async def work(uow: UnitOfWork) -> None:
             await uow.posts.delete(request.id, expected_version=expected)
+
+        await self._write(call, work)
         return empty_pb2.Empty()
 
     async def stream_posts(self, request: post_pb2.StreamPostsRequest, call: Call) -> None:

@@ -12,6 +12,7 @@ from service.api.rpc import Call
 from service.api.streams import send_batches
 from service.api.validation import Violations, check_id, masked_fields
 from service.errors import AlreadyExists, InvalidArgument, taken
+from service.repositories.uow import UnitOfWork
 from service.repositories.users import USER_QUERY, normalize_email
 
 MAX_BATCH = 1000
@@ -51,36 +52,49 @@ class UserServicer(Servicer):
         values = self._user_fields(violations, request.user, "user", MUTABLE)
         request_id = violations.request_id("request_id", request.request_id)
         violations.raise_if_any()
+        key = self._idempotency_key(call, request_id)
+
+        async def work(uow: UnitOfWork) -> user_pb2.User:
+            users = uow.users
+
+            async def create() -> user_pb2.User:
+                return to_user_message(await users.create(values))
+
+            async def replay(user_id: int) -> user_pb2.User:
+                return to_user_message(await users.require(user_id))
+
+            return await uow.idempotency.create_once(
+                key,
+                payload=values,
+                create=create,
+                encode=user_pb2.User.SerializeToString,
+                decode=user_pb2.User.FromString,
+                resource_id_of=_id_of,
+                replay=replay,
+            )
+
         try:
-            async with self._store.unit_of_work() as uow:
-                users = uow.users
-
-                async def create() -> user_pb2.User:
-                    return to_user_message(await users.create(values))
-
-                async def replay(user_id: int) -> user_pb2.User:
-                    return to_user_message(await users.require(user_id))
-
-                return await uow.idempotency.create_once(
-                    self._idempotency_key(call, request_id),
-                    payload=values,
-                    create=create,
-                    replay=replay,
-                    resource_id_of=_id_of,
-                )
+            return await self._write(call, work)
         except AlreadyExists as error:
             raise await self._username_first(error, [values]) from error
 
     async def _username_first(
-        self, error: AlreadyExists, entries: list[dict[str, Any]], *, batch: bool = False
+        self,
+        error: AlreadyExists,
+        entries: list[dict[str, Any]],
+        *,
+        batch: bool = False,
+        exclude_id: int | None = None,
     ) -> AlreadyExists:
         """The clash to report once the unique indexes refused a write: the database
-        names whichever index it checked first, so ask again (a fresh read) which entry
-        clashes and on what (`UserRepository.first_clash`: the username first)."""
+        names whichever index it checked first, so ask again which entry clashes and on
+        what (`UserRepository.first_clash`: the username first). Asked of the primary,
+        in a unit of work of its own (the failed one is rolled back): the primary has
+        the row that clashed, a replica may not have it yet."""
         if not batch and error.reason != "EMAIL_TAKEN":
             return error
-        async with self._store.unit_of_work("read") as uow:
-            clash = await uow.users.first_clash(entries)
+        async with self._store.unit_of_work("write") as uow:
+            clash = await uow.users.first_clash(entries, exclude_id=exclude_id)
         if clash is None:
             return error
         index, reason = clash
@@ -97,17 +111,30 @@ class UserServicer(Servicer):
             self._user_fields(violations, entry.user, f"requests[{i}].user", MUTABLE)
             for i, entry in enumerate(request.requests)
         ]
+        request_id = violations.request_id("request_id", request.request_id)
         violations.raise_if_any()
         _reject_duplicates_within(entries)
+        key = self._idempotency_key(call, request_id)
+
+        async def work(uow: UnitOfWork) -> user_pb2.BatchCreateUsersResponse:
+            async def create() -> user_pb2.BatchCreateUsersResponse:
+                response = user_pb2.BatchCreateUsersResponse()
+                _add_users(response.users, await uow.users.create_many(entries), None)
+                return response
+
+            return await uow.idempotency.create_once(
+                key,
+                payload={"requests": entries},
+                create=create,
+                encode=user_pb2.BatchCreateUsersResponse.SerializeToString,
+                decode=user_pb2.BatchCreateUsersResponse.FromString,
+            )
+
         try:
-            async with self._store.unit_of_work() as uow:
-                rows = await uow.users.create_many(entries)
+            return await self._write(call, work)
         except AlreadyExists as error:
             # The constraint refused the batch (nothing was written); say which entry.
             raise await self._username_first(error, entries, batch=True) from error
-        response = user_pb2.BatchCreateUsersResponse()
-        _add_users(response.users, rows, None)
-        return response
 
     async def get_user(self, request: user_pb2.GetUserRequest, call: Call) -> user_pb2.User:
         violations = Violations()
@@ -166,13 +193,16 @@ class UserServicer(Servicer):
         violations.text("user.etag", user.etag, max_length=64)
         violations.raise_if_any()
         expected = version_of(user.etag) if user.etag else None
+
+        async def work(uow: UnitOfWork) -> Any:
+            return await uow.users.update(user.id, values=values, expected_version=expected)
+
         try:
-            async with self._store.unit_of_work() as uow:
-                row = await uow.users.update(user.id, values=values, expected_version=expected)
+            row = await self._write(call, work)
         except AlreadyExists as error:
             if "username" not in values or "email" not in values:
                 raise
-            raise await self._username_first(error, [values]) from error
+            raise await self._username_first(error, [values], exclude_id=user.id) from error
         return to_user_message(row)
 
     async def delete_user(self, request: user_pb2.DeleteUserRequest, call: Call) -> user_pb2.User:
@@ -181,21 +211,26 @@ class UserServicer(Servicer):
         violations.text("etag", request.etag, max_length=64)
         violations.raise_if_any()
         expected = version_of(request.etag) if request.etag else None
-        async with self._store.unit_of_work() as uow:
-            row = await uow.users.soft_delete(request.id, expected_version=expected)
-        return to_user_message(row)
+
+        async def work(uow: UnitOfWork) -> Any:
+            return await uow.users.soft_delete(request.id, expected_version=expected)
+
+        return to_user_message(await self._write(call, work))
 
     async def undelete_user(
         self, request: user_pb2.UndeleteUserRequest, call: Call
     ) -> user_pb2.User:
         check_id("id", request.id)
+
+        async def work(uow: UnitOfWork) -> Any:
+            return await uow.users.undelete(request.id)
+
         try:
-            async with self._store.unit_of_work() as uow:
-                row = await uow.users.undelete(request.id)
+            row = await self._write(call, work)
         except AlreadyExists as error:
             if error.reason != "EMAIL_TAKEN":
                 raise
-            async with self._store.unit_of_work("read") as uow:
+            async with self._store.unit_of_work("write") as uow:  # the primary, as above
                 current = await uow.users.get(request.id)
             if current is None:
                 raise

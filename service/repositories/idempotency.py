@@ -32,6 +32,7 @@ class IdempotencyKey:
 class PriorResult:
     request_hash: str
     resource_id: int
+    response: bytes | None
 
 
 def request_digest(payload: Mapping[str, Any]) -> str:
@@ -49,20 +50,22 @@ class IdempotencyRepository:
         *,
         payload: Mapping[str, Any],
         create: Callable[[], Awaitable[R]],
-        replay: Callable[[int], Awaitable[R]],
-        resource_id_of: Callable[[R], int],
+        encode: Callable[[R], bytes],
+        decode: Callable[[bytes], R],
+        resource_id_of: Callable[[R], int] | None = None,
+        replay: Callable[[int], Awaitable[R]] | None = None,
     ) -> R:
-        """Run `create` once per key: claim the key, create, record what was created.
+        """Run `create` once per key: claim the key, create, record the response.
 
-        Every create takes this path (CreateUser, CreatePost; BatchCreateUsers once it
-        has a request_id of its own). `R` is the call's response, built inside the
-        transaction; without a key it is just `create()`. A repeated key with the same
-        `payload` gets `replay(resource_id)`; with another payload, REQUEST_ID_REUSED.
+        Every create takes this path (CreateUser, CreatePost, BatchCreateUsers). `R` is
+        the call's response, built inside the transaction; without a key it is just
+        `create()`. The record keeps `encode(response)` in the same transaction as what
+        was created, so a repeated key with the same `payload` gets `decode(bytes)`: the
+        first response byte for byte, whatever has happened to the resource since (a
+        replay never reads it). Another payload gets REQUEST_ID_REUSED.
 
-        Today the record keeps `resource_id_of(response)` and a replay reads the resource
-        again, so it shows the resource as it is now. Keeping the first response byte
-        for byte (API.md) means recording the serialized response at that hook instead,
-        and replaying it; a batch's response, which has no single id, fits that too.
+        A record the previous release wrote (no stored response, only the id, during a
+        rolling deploy) is replayed as that release did: `replay(resource_id)`.
         """
         if key is None:
             return await create()
@@ -75,9 +78,17 @@ class IdempotencyRepository:
                     "was already used with a different request",
                     reason="REQUEST_ID_REUSED",
                 )
+            if prior.response is not None:
+                return decode(prior.response)
+            if replay is None or prior.resource_id <= 0:
+                raise RuntimeError(f"idempotency record {key} holds no response")
             return await replay(prior.resource_id)
         response = await create()
-        await self.record(key, resource_id=resource_id_of(response))
+        await self.record(
+            key,
+            resource_id=resource_id_of(response) if resource_id_of is not None else 0,
+            response=encode(response),
+        )
         return response
 
     async def claim(self, key: IdempotencyKey, *, request_hash: str) -> PriorResult | None:
@@ -100,7 +111,11 @@ class IdempotencyRepository:
             )
             .returning(IdempotencyRecord.request_id)
         )
-        lookup = select(IdempotencyRecord.request_hash, IdempotencyRecord.resource_id).where(
+        lookup = select(
+            IdempotencyRecord.request_hash,
+            IdempotencyRecord.resource_id,
+            IdempotencyRecord.response,
+        ).where(
             IdempotencyRecord.caller == key.caller,
             IdempotencyRecord.method == key.method,
             IdempotencyRecord.request_id == key.request_id,
@@ -110,10 +125,10 @@ class IdempotencyRepository:
                 return None
             row = (await self._session.execute(lookup)).first()
             if row is not None:
-                return PriorResult(row.request_hash, row.resource_id)
+                return PriorResult(row.request_hash, row.resource_id, row.response)
             # Purged between the two statements (it had outlived its TTL): claim again.
 
-    async def record(self, key: IdempotencyKey, *, resource_id: int) -> None:
+    async def record(self, key: IdempotencyKey, *, resource_id: int, response: bytes) -> None:
         await self._session.execute(
             update(IdempotencyRecord)
             .where(
@@ -121,7 +136,7 @@ class IdempotencyRepository:
                 IdempotencyRecord.method == key.method,
                 IdempotencyRecord.request_id == key.request_id,
             )
-            .values(resource_id=resource_id)
+            .values(resource_id=resource_id, response=response)
         )
 
     async def purge(self, older_than: datetime) -> int:

@@ -8,17 +8,32 @@ Servicers never see its session.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction, async_sessionmaker
 
 from service.db.engine import Database, Mode
 from service.db.errors import is_unavailable, translate
+from service.errors import TransactionConflict
 from service.repositories.idempotency import IdempotencyRepository
 from service.repositories.posts import PostRepository
 from service.repositories.token_keys import TokenKeyRepository
 from service.repositories.users import UserRepository
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Store.run: attempts at a unit of work that hits a serialization failure or deadlock,
+# and the jittered ("full jitter") backoff between them.
+RUN_ATTEMPTS = 4
+_BACKOFF_BASE = 0.02
+_BACKOFF_CAP = 0.25
 
 
 class Store:
@@ -36,6 +51,40 @@ class Store:
         (a read-write transaction), `read` (autocommit: single-statement reads, nothing
         to commit), `snapshot` (several reads that see one snapshot)."""
         return UnitOfWork(self._factories[mode], transaction=mode != "read")
+
+    async def run(
+        self,
+        work: Callable[[UnitOfWork], Awaitable[T]],
+        *,
+        mode: Mode = "write",
+        time_left: float | None = None,
+    ) -> T:
+        """`await work(uow)` in a unit of work, run again from the start in a new one
+        when the database rolled it back for a serialization failure or deadlock.
+
+        The whole body is `work`, so a retry repeats every statement, and `work` must
+        not have done anything outside the database that a retry would repeat (a stream
+        never comes here: it opens its unit of work itself, and is never retried once
+        rows went out). Up to RUN_ATTEMPTS attempts, with jittered backoff, and none
+        that would start after `time_left` seconds (the call's deadline) ran out; then
+        ABORTED TRANSACTION_CONFLICT with RetryInfo. Every other error passes through.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if time_left is None else loop.time() + time_left
+        attempt = 1
+        while True:
+            try:
+                async with self.unit_of_work(mode) as uow:
+                    return await work(uow)
+            except TransactionConflict:
+                delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+                if attempt >= RUN_ATTEMPTS or (
+                    deadline is not None and loop.time() + delay >= deadline
+                ):
+                    raise
+                log.info("transaction conflict; attempt %d of %d", attempt + 1, RUN_ATTEMPTS)
+            attempt += 1
+            await asyncio.sleep(delay)
 
 
 class UnitOfWork:

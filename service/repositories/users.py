@@ -131,13 +131,32 @@ class UserRepository:
             ),
             bindparam("names", [e.get("display_name", "") for e in entries], type_=text_array),
             bindparam("bios", [e.get("bio", "") for e in entries], type_=text_array),
-        ).table_valued("username", "email", "email_normalized", "display_name", "bio")
+        ).table_valued(
+            "username", "email", "email_normalized", "display_name", "bio", with_ordinality="ord"
+        )
         source = source.render_derived(name="source")
+        # Ids are drawn in the request's order (a volatile nextval keeps the subquery
+        # apart, evaluated as unnest yields), but rows go in in username order: two
+        # batches sharing usernames then take their index entries in one order and queue
+        # instead of deadlocking. Emails can still cross; Store.run retries that deadlock.
+        numbered = (
+            select(
+                func.nextval(func.pg_get_serial_sequence("users", "id")).label("id"),
+                source.c.username,
+                source.c.email,
+                source.c.email_normalized,
+                source.c.display_name,
+                source.c.bio,
+            )
+            .order_by(source.c.ord)
+            .subquery("numbered")
+        )
         stamp = bindparam("now", now, type_=_U.create_time.type)
         stmt = (
             insert(users_table)
             .from_select(
                 [
+                    "id",
                     "username",
                     "email",
                     "email_normalized",
@@ -148,15 +167,16 @@ class UserRepository:
                     "version",
                 ],
                 select(
-                    source.c.username,
-                    source.c.email,
-                    source.c.email_normalized,
-                    source.c.display_name,
-                    source.c.bio,
+                    numbered.c.id,
+                    numbered.c.username,
+                    numbered.c.email,
+                    numbered.c.email_normalized,
+                    numbered.c.display_name,
+                    numbered.c.bio,
                     stamp,
                     stamp,
                     literal(1, BigInteger),
-                ),
+                ).order_by(numbered.c.username),
             )
             .returning(_U.username, _U.id)
         )
@@ -178,13 +198,18 @@ class UserRepository:
             for e in entries
         ]
 
-    async def first_clash(self, entries: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
+    async def first_clash(
+        self, entries: Sequence[Mapping[str, Any]], *, exclude_id: int | None = None
+    ) -> tuple[int, str] | None:
         """The first entry whose username or email a live user holds, and the reason:
         USERNAME_TAKEN before EMAIL_TAKEN when an entry clashes on both (API.md). The one
         place that rule lives; asked after the unique indexes refused a write, since the
-        database names whichever index it checked first."""
+        database names whichever index it checked first. `exclude_id`: the user being
+        updated, whose own username is no clash."""
         names, emails = await self._live_clashes(
-            usernames=[e["username"] for e in entries], emails=[e["email"] for e in entries]
+            usernames=[e["username"] for e in entries],
+            emails=[e["email"] for e in entries],
+            exclude_id=exclude_id,
         )
         for index, entry in enumerate(entries):
             if entry["username"] in names:
@@ -194,17 +219,18 @@ class UserRepository:
         return None
 
     async def _live_clashes(
-        self, *, usernames: Sequence[str], emails: Sequence[str]
+        self, *, usernames: Sequence[str], emails: Sequence[str], exclude_id: int | None
     ) -> tuple[set[str], set[str]]:
         """Which of these usernames and (normalised) emails live users already hold."""
         normalized = [normalize_email(e) for e in emails]
-        rows = await self._session.execute(
-            select(_U.username, _U.email_normalized).where(
-                _U.delete_time.is_(None),
-                one_of(self._session, _U.username, usernames, String)
-                | one_of(self._session, _U.email_normalized, normalized, String),
-            )
+        stmt = select(_U.username, _U.email_normalized).where(
+            _U.delete_time.is_(None),
+            one_of(self._session, _U.username, usernames, String)
+            | one_of(self._session, _U.email_normalized, normalized, String),
         )
+        if exclude_id is not None:
+            stmt = stmt.where(_U.id != exclude_id)
+        rows = await self._session.execute(stmt)
         taken_names: set[str] = set()
         taken_emails: set[str] = set()
         names, mails = set(usernames), set(normalized)
@@ -317,8 +343,15 @@ class UserRepository:
         row = (await self._session.execute(stmt)).first()
         if row is not None:
             return row
-        # Nothing matched: find out why, in the same transaction.
-        current = await self.get(user_id)
+        # Nothing matched: find out why, in the same transaction. Lock the row while
+        # looking (PostgreSQL; SQLite's write lock is held already): under READ COMMITTED
+        # a write that committed after the UPDATE's snapshot (an undelete racing an
+        # update) may have made it match since, and only a locked row stays as read.
+        current = (
+            await self._session.execute(
+                select(*USER_COLUMNS).where(_U.id == user_id).with_for_update(key_share=True)
+            )
+        ).first()
         if current is None:
             raise NotFound("User", user_id)
         if live and current.delete_time is not None:
@@ -329,4 +362,11 @@ class UserRepository:
             )
         if not live and current.delete_time is None:
             raise AlreadyExists("USER_NOT_DELETED", "the user is not deleted")
-        raise EtagMismatch("user", current_version=current.version)
+        if expected_version is not None and current.version != expected_version:
+            raise EtagMismatch("user", current_version=current.version)
+        # The row moved into a state the UPDATE accepts after it looked (a caller that
+        # sent no etag must not hear ETAG_MISMATCH): locked now, so this one applies.
+        row = (await self._session.execute(stmt)).first()
+        if row is None:  # not reachable while the lock holds; never claim a false cause
+            raise EtagMismatch("user", current_version=current.version)
+        return row

@@ -17,6 +17,7 @@ import asyncpg
 import cli.test_cli as harness
 import grpc
 import pytest
+from alembic.script import ScriptDirectory
 from cli.test_cli import (
     GRACE,
     ROOT,
@@ -32,6 +33,7 @@ from sqlalchemy.engine import make_url
 
 from blog.v1 import user_pb2, user_pb2_grpc
 from service.auth import CALLER_MAX_LENGTH
+from service.db.migrations import alembic_config
 from service.db.models import IdempotencyRecord
 from support.postgres import PostgresServer, free_port, raw_dsn
 
@@ -188,7 +190,8 @@ async def test_a_missing_tls_certificate(launcher: Launcher, tmp_path: Path) -> 
 
 async def test_schema_behind_in_plain_words(launcher: Launcher) -> None:
     proc = launcher.run("serve", port=free_port())
-    line = await _fails_clearly(proc, "schema is behind", "revision 0002", code=2)
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    line = await _fails_clearly(proc, "schema is behind", f"revision {head}", code=2)
     message = line.partition("service: ")[2]
     assert "[" not in message, line
     assert "'" not in message, line
