@@ -30,10 +30,14 @@ from sqlalchemy.engine import URL, make_url
 
 __all__ = [
     "DEFAULT_URL",
+    "Cluster",
     "PostgresServer",
     "ensure_postgres",
     "free_port",
     "raw_dsn",
+    "require_bindir",
+    "start_cluster",
+    "start_standby",
     "with_database",
     "with_host_port",
 ]
@@ -253,11 +257,15 @@ def find_bindir() -> Path | None:
 
 
 class _Cluster:
-    """An initdb'ed, running cluster in a temporary directory."""
+    """An initdb'ed, running cluster in a temporary directory.
 
-    def __init__(self, bindir: Path, user: str) -> None:
+    `settings` are extra `-c name=value` server settings (e.g. for a replication primary).
+    """
+
+    def __init__(self, bindir: Path, user: str, settings: dict[str, str] | None = None) -> None:
         self.bindir = bindir
         self.user = user
+        self.settings = dict(settings or {})
         self.as_postgres_user = os.geteuid() == 0
         self.root = Path(tempfile.mkdtemp(prefix="blogtest-pg-"))
         self.data = self.root / "data"
@@ -301,17 +309,7 @@ class _Cluster:
             raise
 
     def _start(self) -> str:
-        if self.as_postgres_user:
-            try:
-                pw = pwd.getpwnam("postgres")
-            except KeyError:
-                raise RuntimeError(
-                    "running as root, but there is no 'postgres' OS user to run initdb/postgres "
-                    "as (initdb refuses root). Create one (useradd -r postgres) or run as non-root."
-                ) from None
-            if shutil.which("runuser") is None:
-                raise RuntimeError("running as root, but `runuser` (util-linux) is missing")
-            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        self._check_runuser()
         proc = self._run(
             "initdb",
             "-D",
@@ -328,10 +326,32 @@ class _Cluster:
         )
         if proc.returncode != 0:
             raise self._fail("initdb failed", proc)
+        return self._launch()
 
+    def _check_runuser(self) -> None:
+        if self.as_postgres_user:
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError(
+                    "running as root, but there is no 'postgres' OS user to run initdb/postgres "
+                    "as (initdb refuses root). Create one (useradd -r postgres) or run as non-root."
+                ) from None
+            if shutil.which("runuser") is None:
+                raise RuntimeError("running as root, but `runuser` (util-linux) is missing")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://{self.user}@127.0.0.1:{self.port}/postgres"
+
+    def _launch(self) -> str:
+        """Start the server in self.data on a free port (kept on a restart); wait for it."""
         last: subprocess.CompletedProcess[str] | None = None
+        keep_port = self.port != 0
         for _attempt in range(5):  # the free port may be taken before the server binds it
-            self.port = free_port()
+            if not keep_port:
+                self.port = free_port()
             options = [
                 "-h",
                 "127.0.0.1",
@@ -348,6 +368,8 @@ class _Cluster:
                 "-c",
                 "max_connections=300",
             ]
+            for name, value in self.settings.items():
+                options += ["-c", f"{name}={value}"]
             last = self._run(
                 "pg_ctl",
                 "-D",
@@ -372,7 +394,7 @@ class _Cluster:
         else:
             raise self._fail("could not find a free port", last)
 
-        url = f"postgresql+asyncpg://{self.user}@127.0.0.1:{self.port}/postgres"
+        url = self.url
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             error = _probe_sync(url, timeout=2.0)
@@ -381,6 +403,16 @@ class _Cluster:
             if time.monotonic() > deadline:
                 raise self._fail(f"server never accepted connections at {url}: {error!r}", None)
             time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown), keeping its data for `restart`."""
+        proc = self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
+        if proc.returncode != 0:
+            raise self._fail("pg_ctl stop failed", proc)
+
+    def restart(self) -> str:
+        """Start a stopped server again on the same port."""
+        return self._launch()
 
     def _postmaster_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -463,3 +495,101 @@ def ensure_postgres(
         "it is removed when the tests end. Set TEST_DATABASE_URL to use your own server."
     )
     return PostgresServer(admin_url, cluster)
+
+
+# ------------------------------------------------------------- replication (integration)
+
+_SERVER_PACKAGES = "postgresql (initdb, pg_ctl, pg_basebackup)"
+
+
+def require_bindir() -> Path:
+    """PostgreSQL's server binaries, or a RuntimeError naming the Debian package (the
+    integration suite fails, never skips, on a machine without them)."""
+    bindir = find_bindir()
+    if bindir is None or not (bindir / "pg_basebackup").is_file():
+        raise RuntimeError(
+            f"the integration tests need PostgreSQL's server binaries: install the Debian "
+            f"package {_SERVER_PACKAGES}: apt-get install postgresql"
+        )
+    return bindir
+
+
+class _Standby(_Cluster):
+    """A hot standby made by `pg_basebackup -R` from a running primary."""
+
+    def __init__(
+        self, bindir: Path, user: str, primary_port: int, settings: dict[str, str] | None
+    ) -> None:
+        super().__init__(bindir, user, settings)
+        self.primary_port = primary_port
+
+    def _start(self) -> str:
+        self._check_runuser()
+        proc = self._run(
+            "pg_basebackup",
+            "-D",
+            str(self.data),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.primary_port),
+            "-U",
+            self.user,
+            "-R",  # standby.signal + primary_conninfo: start as a streaming replica
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise self._fail("pg_basebackup failed", proc)
+        return self._launch()
+
+
+class Cluster:
+    """A throwaway cluster this test owns: its URL, and stop/restart/destroy."""
+
+    def __init__(self, cluster: _Cluster) -> None:
+        self._cluster = cluster
+        self.url = cluster.url
+        atexit.register(self.destroy)
+
+    @property
+    def port(self) -> int:
+        return self._cluster.port
+
+    def stop(self) -> None:
+        self._cluster.stop()
+
+    def restart(self) -> None:
+        self._cluster.restart()
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.destroy)
+        self._cluster.destroy()
+
+    def create_database(self, prefix: str = "blogtest") -> str:
+        return PostgresServer(self.url).create_database(prefix)
+
+
+def start_cluster(settings: dict[str, str] | None = None, user: str = "postgres") -> Cluster:
+    """A fresh primary (wal_level=replica, so a standby can follow it)."""
+    merged = {"wal_level": "replica", "full_page_writes": "on", **(settings or {})}
+    cluster = _Cluster(require_bindir(), user, merged)
+    cluster.start()
+    return Cluster(cluster)
+
+
+def start_standby(primary: Cluster, settings: dict[str, str] | None = None) -> Cluster:
+    """A hot standby of `primary`, streaming from it, on a free port."""
+    standby = _Standby(
+        require_bindir(),
+        primary._cluster.user,
+        primary.port,
+        {"hot_standby": "on", **(settings or {})},
+    )
+    standby.start()
+    return Cluster(standby)
