@@ -6,17 +6,45 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.config import Settings
+from service.db.engine import pooler_connect_args
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _probe_engine(settings: Settings) -> AsyncEngine:
+    """The probe's own engine on DATABASE_URL (readiness follows the primary).
+
+    AUTOCOMMIT: the probe is one statement, so no BEGIN/ROLLBACK round trips and never a
+    session seen "idle in transaction" between its SELECT and ROLLBACK. Behind a
+    transaction-mode pooler (DB_PGBOUNCER) a statement outside a transaction may be
+    prepared on one server connection and executed on another, so there the probe runs
+    in a transaction, with the pooler's asyncpg recipe and no startup parameters.
+    """
+    connect_args: dict[str, Any] = {"timeout": settings.health_check_timeout}
+    pooled = (
+        settings.db_pgbouncer and make_url(settings.database_url).get_backend_name() == "postgresql"
+    )
+    if pooled:
+        connect_args.update(pooler_connect_args())
+    return create_async_engine(
+        settings.database_url,
+        isolation_level="READ COMMITTED" if pooled else "AUTOCOMMIT",
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=settings.health_check_timeout,
+        connect_args=connect_args,
+    )
 
 
 class ReadinessMonitor:
@@ -38,16 +66,7 @@ class ReadinessMonitor:
         self._settings = settings
         self._servicer = servicer
         self._services = tuple(services)
-        # AUTOCOMMIT: the probe is one statement, so no BEGIN/ROLLBACK round trips and
-        # never a session seen "idle in transaction" between its SELECT and ROLLBACK.
-        self._engine: AsyncEngine = create_async_engine(
-            settings.database_url,
-            isolation_level="AUTOCOMMIT",
-            pool_size=1,
-            max_overflow=0,
-            pool_timeout=settings.health_check_timeout,
-            connect_args={"timeout": settings.health_check_timeout},
-        )
+        self._engine: AsyncEngine = _probe_engine(settings)
         self._task: asyncio.Task[None] | None = None
         self.ready: bool | None = None
 

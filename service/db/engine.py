@@ -21,6 +21,8 @@ from service.config import Settings
 
 # Execution options our SQLite "begin" hook reads; see _install_sqlite_hooks.
 _SQLITE_BEGIN = "blog_sqlite_begin"
+# Execution option that marks an engine made for a transaction-mode pooler.
+_POOLED = "blog_pooled"
 
 Mode = Literal["write", "read", "snapshot"]
 
@@ -32,7 +34,8 @@ class SessionFactories:
     write: a read-write transaction (BEGIN IMMEDIATE on SQLite, so writers queue on
     the busy timeout instead of failing to upgrade a read lock).
     read: single-statement reads without an explicit transaction (autocommit),
-    saving the BEGIN and COMMIT round trips.
+    saving the BEGIN and COMMIT round trips; behind a transaction-mode pooler
+    (DB_PGBOUNCER) a READ COMMITTED transaction instead.
     snapshot: several reads that must see one snapshot (a FULL page and its
     aggregate, a stream): REPEATABLE READ READ ONLY on PostgreSQL.
     """
@@ -49,27 +52,55 @@ def create_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
     return _create_postgres_engine(settings, url)
 
 
+def pooler_connect_args() -> dict[str, Any]:
+    """asyncpg arguments for a transaction-mode pooler (SQLAlchemy's documented recipe).
+
+    PgBouncer may run each transaction on another server connection, so no prepared
+    statement may be reused across transactions: asyncpg's own statement cache and
+    SQLAlchemy's adapter cache are off, and every statement SQLAlchemy prepares gets a
+    unique name, so it never clashes with a name another client prepared on the same
+    server connection. Driver-level statements (asyncpg's fetch with the cache off) use
+    the unnamed statement, which lives only until the next Parse on that connection:
+    safe inside a transaction, which is why every statement behind the pooler runs in
+    one. No startup parameters: PgBouncer refuses them.
+    """
+    return {
+        "statement_cache_size": 0,
+        "prepared_statement_cache_size": 0,
+        "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
+    }
+
+
+def idle_in_transaction_ms(settings: Settings) -> int:
+    """The idle-in-transaction backstop: far above STREAM_IDLE_TIMEOUT, so it ends only a
+    leaked transaction, never a stream the service itself would end."""
+    return int((settings.stream_idle_timeout * 2 + 30) * 1000)
+
+
 def _create_postgres_engine(settings: Settings, url: str) -> AsyncEngine:
+    idle_ms = idle_in_transaction_ms(settings)
+    statement_ms = int(settings.db_statement_timeout * 1000)
+    if settings.db_pgbouncer:
+        engine = create_async_engine(
+            url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout,
+            pool_recycle=settings.db_pool_recycle,
+            pool_pre_ping=False,
+            connect_args={**pooler_connect_args(), "timeout": 5},
+            execution_options={_POOLED: True},
+        )
+        _install_pooler_hooks(engine, statement_ms=statement_ms, idle_ms=idle_ms)
+        return engine
     # A paused stream holds a transaction; the server ends it if it idles far longer
     # than STREAM_IDLE_TIMEOUT, as the last backstop against a leaked connection.
-    idle_ms = int((settings.stream_idle_timeout * 2 + 30) * 1000)
     server_settings = {
         "application_name": "blog-service",
         "idle_in_transaction_session_timeout": str(idle_ms),
     }
-    if settings.db_statement_timeout:
-        server_settings["statement_timeout"] = str(int(settings.db_statement_timeout * 1000))
-    connect_args: dict[str, Any] = {"server_settings": server_settings, "timeout": 5}
-    if settings.db_pgbouncer:
-        # PgBouncer in transaction mode may run each transaction on another server
-        # connection: asyncpg's statement cache is off and every prepared statement gets
-        # a unique name, so one never clashes with a name prepared elsewhere (SQLAlchemy's
-        # documented recipe). Prepared statements still live on the server connection
-        # until PgBouncer's server_reset_query (DISCARD ALL) clears them. PgBouncer
-        # refuses startup parameters, so none are sent.
-        connect_args.pop("server_settings")
-        connect_args["statement_cache_size"] = 0
-        connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid.uuid4()}__"
+    if statement_ms:
+        server_settings["statement_timeout"] = str(statement_ms)
     return create_async_engine(
         url,
         pool_size=settings.db_pool_size,
@@ -77,8 +108,34 @@ def _create_postgres_engine(settings: Settings, url: str) -> AsyncEngine:
         pool_timeout=settings.db_pool_timeout,
         pool_recycle=settings.db_pool_recycle,
         pool_pre_ping=False,
-        connect_args=connect_args,
+        connect_args={"server_settings": server_settings, "timeout": 5},
     )
+
+
+def _install_pooler_hooks(engine: AsyncEngine, *, statement_ms: int, idle_ms: int) -> None:
+    """Behind a transaction-mode pooler the session settings that a direct connection
+    gets as startup parameters are set per transaction instead (`set_config(..., true)`
+    is SET LOCAL): the statement timeout, the idle-in-transaction backstop and the
+    application name, in one round trip at the start of every transaction. SET LOCAL
+    ends with the transaction, so nothing leaks to the next client of that server
+    connection."""
+    settings = [
+        ("application_name", "blog-service"),
+        ("idle_in_transaction_session_timeout", str(idle_ms)),
+        ("statement_timeout", str(statement_ms)),
+    ]
+    sql = "SELECT " + ", ".join(
+        f"set_config('{name}', '{value}', true)" for name, value in settings
+    )
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql(sql)
+
+
+def is_pooled(engine: AsyncEngine) -> bool:
+    """True for an engine made for a transaction-mode pooler (DB_PGBOUNCER)."""
+    return bool(engine.get_execution_options().get(_POOLED, False))
 
 
 def _create_sqlite_engine(settings: Settings, url: str) -> AsyncEngine:
@@ -122,6 +179,15 @@ def create_session_factories(engine: AsyncEngine) -> SessionFactories:
         write = engine.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
         read = engine.execution_options(**{_SQLITE_BEGIN: None})
         snapshot = engine.execution_options(**{_SQLITE_BEGIN: "DEFERRED"})
+    elif is_pooled(engine):
+        # Behind a transaction-mode pooler even a one-statement read runs in a
+        # transaction: outside one, asyncpg's prepare and execute may reach different
+        # server connections (SQLAlchemy issue 12836).
+        write = engine
+        read = engine.execution_options(isolation_level="READ COMMITTED")
+        snapshot = engine.execution_options(
+            isolation_level="REPEATABLE READ", postgresql_readonly=True
+        )
     else:
         write = engine
         read = engine.execution_options(isolation_level="AUTOCOMMIT")
