@@ -28,7 +28,21 @@ from service.db.migrations import upgrade
 from service.server import BlogServer
 from support.postgres import PostgresServer, ensure_postgres
 
-BACKENDS = ("postgresql", "sqlite")
+# TEST_BACKENDS picks the backends (comma-separated); `make test` runs the default two.
+# `pgbouncer` is PostgreSQL behind a real PgBouncer in transaction mode with
+# DB_PGBOUNCER=true; the integration suite runs tests/api on it (Debian's pgbouncer).
+BACKENDS = tuple(
+    name.strip() for name in os.environ.get("TEST_BACKENDS", "postgresql,sqlite").split(",")
+)
+# Behind PgBouncer: its pool is smaller than the service's (10 + 10 overflow), so server
+# connections really are shared, and larger than STREAM_MAX_CONCURRENT, since a stream
+# holds its server connection for its whole life.
+PGBOUNCER_POOL_SIZE = 8
+PGBOUNCER_STREAMS = 6
+
+# Settings a backend's server needs (DB_PGBOUNCER behind the pooler), by database URL:
+# settings_for() applies them under the test's own overrides.
+_BACKEND_SETTINGS: dict[str, dict[str, Any]] = {}
 
 # Property tests (tests/property): few examples in `make test`, the same ones every run
 # (derandomize), so the suite stays bounded and a CI failure reproduces locally. No
@@ -78,10 +92,18 @@ def postgres(pytestconfig: pytest.Config) -> Iterator[PostgresServer]:
 class Backend:
     name: str
     url: str
+    # The database itself, bypassing any pooler: for tests' own helper connections
+    # (pg_stat_activity, seeding, a competing transaction).
+    direct_url: str = ""
+    # The most streams the backend can hold open at once (None: the service's limits).
+    max_streams: int | None = None
+
+    def __post_init__(self) -> None:
+        self.direct_url = self.direct_url or self.url
 
     @property
     def is_postgres(self) -> bool:
-        return self.name == "postgresql"
+        return self.name in ("postgresql", "pgbouncer")
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
@@ -95,11 +117,30 @@ async def backend(
             yield Backend("postgresql", url)
         finally:
             postgres.drop_database(url)
-    else:
+    elif request.param == "pgbouncer":
+        from support.pgbouncer import start_pgbouncer
+
+        url = postgres.create_database()
+        # Migrations connect to the primary directly, never through the pooler.
+        await _migrate(url)
+        bouncer = start_pgbouncer(postgres.admin_url, default_pool_size=PGBOUNCER_POOL_SIZE)
+        pooled = bouncer.url_for(url)
+        _BACKEND_SETTINGS[pooled] = {
+            "db_pgbouncer": True,
+            "stream_max_concurrent": PGBOUNCER_STREAMS,
+        }
+        try:
+            yield Backend("pgbouncer", pooled, direct_url=url, max_streams=PGBOUNCER_STREAMS)
+        finally:
+            bouncer.close()
+            postgres.drop_database(url)
+    elif request.param == "sqlite":
         with tempfile.TemporaryDirectory(prefix="blogtest-") as directory:
             url = f"sqlite+aiosqlite:///{Path(directory) / 'blog.db'}"
             await _migrate(url)
             yield Backend("sqlite", url)
+    else:
+        raise ValueError(f"TEST_BACKENDS names an unknown backend {request.param!r}")
 
 
 async def _migrate(url: str) -> None:
@@ -117,6 +158,7 @@ def settings_for(url: str, **overrides: Any) -> Settings:
         "shutdown_grace": 2.0,
         "health_check_interval": 0.5,
         "log_level": os.environ.get("TEST_LOG_LEVEL", "WARNING"),
+        **_BACKEND_SETTINGS.get(url, {}),
     }
     values.update(overrides)
     return Settings(**values)

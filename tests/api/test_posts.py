@@ -664,7 +664,7 @@ async def test_create_post_waits_for_an_uncommitted_author_delete(backend, users
     """The exact interleaving a missing share lock lets through: the author's delete is
     in flight when CreatePost checks; once it commits, the create must be refused."""
     author = await new_author(users)
-    connection = await asyncpg.connect(raw_dsn(backend.url))
+    connection = await asyncpg.connect(raw_dsn(backend.direct_url))
     try:
         transaction = connection.transaction()
         await transaction.start()

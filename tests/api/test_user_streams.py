@@ -123,7 +123,7 @@ async def assert_connections_returned(
     async def returned() -> bool:
         state["checkedout"] = pool.checkedout()  # type: ignore[attr-defined]
         state["idle_in_transaction"] = (
-            await idle_in_transaction(postgres, backend.url) if backend.is_postgres else 0
+            await idle_in_transaction(postgres, backend.direct_url) if backend.is_postgres else 0
         )
         return state["checkedout"] == 0 and state["idle_in_transaction"] == 0
 

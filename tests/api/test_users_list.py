@@ -458,7 +458,7 @@ async def add_posts(url: str, counts: dict[int, int]) -> None:
 async def test_full_view_fills_post_count(backend, users) -> None:
     marker = unique("m")
     made = await make(users, marker, 4)
-    await add_posts(backend.url, {made[0].id: 2, made[2].id: 1, made[3].id: 3})
+    await add_posts(backend.direct_url, {made[0].id: 2, made[2].id: 1, made[3].id: 3})
     full = await page(users, filter=marked(marker), view=user_pb2.USER_VIEW_FULL)
     assert [u.post_count for u in full.users] == [2, 0, 1, 3]
     pages = await walk(users, 3, filter=marked(marker), view=user_pb2.USER_VIEW_FULL)
