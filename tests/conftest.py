@@ -88,6 +88,24 @@ def postgres(pytestconfig: pytest.Config) -> Iterator[PostgresServer]:
         server.close()
 
 
+@pytest.fixture(scope="session")
+def integration_binaries() -> None:
+    """The integration suite (tests/integration) needs Debian's `pgbouncer` and
+    PostgreSQL's server binaries (`postgresql`: initdb, pg_ctl, pg_basebackup). Without
+    them its tests error naming the packages to install: they fail, never skip."""
+    from support.pgbouncer import find_pgbouncer
+    from support.postgres import require_bindir
+
+    missing: list[str] = []
+    for check in (find_pgbouncer, require_bindir):
+        try:
+            check()
+        except RuntimeError as error:
+            missing.append(str(error))
+    if missing:
+        raise RuntimeError("; ".join(missing))
+
+
 @dataclass
 class Backend:
     name: str
