@@ -26,6 +26,10 @@ class DomainError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
+    # A database error after which the handler runs the call once more (its transaction
+    # rolled back; api/rpc.py); `transient_cause` says which, for the log.
+    transient: bool = False
+    transient_cause: str = ""
 
     def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -254,6 +258,18 @@ class Unavailable(DomainError):
 
     def details(self) -> list[object]:
         return [_retry_info(self.retry_after)]
+
+
+class StaleStatement(Unavailable):
+    """A cached prepared statement outlived a schema change (a column's type changed in a
+    rolling migration). Run once more (the caches are cleared by then); if that cannot
+    be done, UNAVAILABLE, which clients retry."""
+
+    transient = True
+    transient_cause = "a stale cached statement"
+
+    def __init__(self) -> None:
+        super().__init__("the schema changed under the call; retry", retry_after=0.0)
 
 
 class ResourceExhausted(DomainError):

@@ -25,8 +25,11 @@ from google.protobuf.message_factory import GetMessageClass
 from service.api.convert import etag_of
 from service.auth import ANONYMOUS, Authenticator
 from service.errors import Aborted, DomainError, EtagMismatch, Internal, InvalidArgument, abort
+from service.repositories.uow import read_from_primary
 
 log = logging.getLogger("service.rpc")
+
+READ_CONSISTENCY = "x-read-consistency"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -34,18 +37,20 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class Call:
     """What a servicer method gets besides its request: the caller and the stream writer."""
 
-    __slots__ = ("_idle_timeout", "caller", "context", "method")
+    __slots__ = ("_idle_timeout", "caller", "context", "method", "sent")
 
     def __init__(self, context: Context, method: str, caller: str, idle_timeout: float) -> None:
         self.context = context
         self.method = method
         self.caller = caller
         self._idle_timeout = idle_timeout
+        self.sent = 0  # stream messages written so far
 
     async def send(self, message: protobuf_message.Message) -> None:
         """Write one stream message; a client that reads nothing for the idle timeout is
         ended with ABORTED STREAM_STALLED (its last resume token still works)."""
         try:
+            self.sent += 1
             await asyncio.wait_for(self.context.write(message), self._idle_timeout)
         except TimeoutError:
             raise Aborted(
@@ -60,6 +65,32 @@ class Call:
             # handler as a cancellation (the wrapper logs it as CANCELLED), not as an
             # INTERNAL error with a traceback in the log.
             raise asyncio.CancelledError(f"stream write failed: {error!r}") from error
+
+
+def _wants_strong_reads(context: Context) -> bool:
+    """`x-read-consistency: strong` metadata: this call's reads go to the primary."""
+    return any(
+        key == READ_CONSISTENCY and value == "strong"
+        for key, value in context.invocation_metadata() or ()
+    )
+
+
+async def run_once_more_if_transient(
+    impl: Callable[[Any, Call], Awaitable[Any]], request: Any, call: Call
+) -> Any:
+    """Run the servicer method; after a transient database error that is not the unit of
+    work's to retry (a cached statement made stale by a column type change in a rolling
+    migration: the dialect has cleared its caches by then) run it once more, since its
+    unit of work rolled back. Never once a stream has sent rows: then the status
+    (UNAVAILABLE) is one the client resumes from with its last resume_token.
+    Serialization failures and deadlocks are Store.run's to retry, a few times."""
+    try:
+        return await impl(request, call)
+    except DomainError as error:
+        if not error.transient or call.sent:
+            raise
+        log.info("%s: retrying once after %s", call.method, error.transient_cause)
+    return await impl(request, call)
 
 
 def _snake(name: str) -> str:
@@ -123,7 +154,8 @@ class HandlerFactory:
                 caller = auth.caller(context.invocation_metadata()) if auth.enabled else ANONYMOUS
                 request = parse(request_class, data)
                 call = Call(context, method, caller, idle_timeout)
-                result = await impl(request, call)
+                read_from_primary(_wants_strong_reads(context))
+                result = await run_once_more_if_transient(impl, request, call)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         "%s OK caller=%s %.1fms",

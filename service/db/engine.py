@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from service.config import Settings
+from service.db.errors import is_unavailable
+from service.db.routing import ReadRouter, drop_closed_connections
 
 # Execution options our SQLite "begin" hook reads; see _install_sqlite_hooks.
 _SQLITE_BEGIN = "blog_sqlite_begin"
@@ -214,18 +216,25 @@ class Database:
             else self.engine
         )
         primary = create_session_factories(self.engine)
-        replica = (
-            primary
-            if self.read_engine is self.engine
-            else create_session_factories(self.read_engine)
-        )
+        replica = None
+        if self.read_engine is not self.engine:
+            drop_closed_connections(self.read_engine)
+            replica = create_session_factories(self.read_engine)
         self.sessions = SessionFactories(
-            write=primary.write, read=replica.read, snapshot=replica.snapshot
+            write=primary.write,
+            read=(replica or primary).read,
+            snapshot=(replica or primary).snapshot,
         )
+        self.router = ReadRouter(primary, replica, self.read_engine if replica else None)
 
     def session_factory(self, mode: Mode) -> async_sessionmaker[AsyncSession]:
         factory: async_sessionmaker[AsyncSession] = getattr(self.sessions, mode)
         return factory
+
+    async def open_session(self, mode: Mode) -> AsyncSession:
+        """A new session for `mode`, routed (db/routing.py): reads to the replica unless
+        the call asked for strong reads or the replica is unreachable."""
+        return await self.router.open(mode, is_unavailable)
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -13,6 +13,7 @@ from sqlalchemy import exc as sa_exc
 from service.errors import (
     DatabaseTimeout,
     DomainError,
+    StaleStatement,
     TransactionConflict,
     Unavailable,
     author_not_live,
@@ -54,6 +55,8 @@ def translate(error: Exception) -> DomainError | None:
         return None
     if isinstance(error, sa_exc.IntegrityError):
         return _integrity_error(error)
+    if is_stale_statement(error):
+        return StaleStatement()
     state = sqlstate_of(error)
     if state is not None:
         if state in CONFLICT_SQLSTATES:
@@ -68,6 +71,16 @@ def translate(error: Exception) -> DomainError | None:
         log.warning("database unavailable: %s: %.300s", type(error).__name__, error)
         return Unavailable()
     return None
+
+
+def is_stale_statement(error: BaseException) -> bool:
+    """A cached prepared statement outlived a schema change (a column's type changed in a
+    rolling migration): asyncpg's InvalidCachedStatementError, under SQLAlchemy's
+    wrapper or bare. The dialect clears its caches on it, so a re-run prepares afresh."""
+    candidates: list[object] = [error]
+    if isinstance(error, sa_exc.DBAPIError) and error.orig is not None:
+        candidates += [error.orig, error.orig.__cause__]
+    return any(isinstance(c, asyncpg.exceptions.InvalidCachedStatementError) for c in candidates)
 
 
 def sqlstate_of(error: BaseException) -> str | None:

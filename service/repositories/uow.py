@@ -16,10 +16,11 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
 from service.db.engine import Database, Mode
 from service.db.errors import is_unavailable, translate
+from service.db.routing import strong_reads
 from service.errors import TransactionConflict
 from service.repositories.idempotency import IdempotencyRepository
 from service.repositories.posts import PostRepository
@@ -36,21 +37,26 @@ _BACKOFF_BASE = 0.02
 _BACKOFF_CAP = 0.25
 
 
+def read_from_primary(strong: bool) -> None:
+    """For the rest of this call (its task): reads go to the primary when `strong`, so a
+    caller reads its own writes despite replica lag (`x-read-consistency: strong`)."""
+    strong_reads.set(strong)
+
+
 class Store:
     """Where units of work come from: the servicers' one way down to the database."""
 
-    __slots__ = ("_factories",)
+    __slots__ = ("_database",)
 
     def __init__(self, database: Database) -> None:
-        self._factories = {
-            mode: database.session_factory(mode) for mode in ("write", "read", "snapshot")
-        }
+        self._database = database
 
     def unit_of_work(self, mode: Mode = "write") -> UnitOfWork:
         """A unit of work in one of three modes (db/engine.py: SessionFactories): `write`
         (a read-write transaction), `read` (autocommit: single-statement reads, nothing
         to commit), `snapshot` (several reads that see one snapshot)."""
-        return UnitOfWork(self._factories[mode], transaction=mode != "read")
+        database = self._database
+        return UnitOfWork(lambda: database.open_session(mode), transaction=mode != "read")
 
     async def run(
         self,
@@ -91,8 +97,8 @@ class UnitOfWork:
     """One call's session and transaction; its repositories are made on first use."""
 
     __slots__ = (
-        "_factory",
         "_idempotency",
+        "_open",
         "_posts",
         "_session",
         "_token_keys",
@@ -101,8 +107,10 @@ class UnitOfWork:
         "_wants_transaction",
     )
 
-    def __init__(self, factory: async_sessionmaker[AsyncSession], *, transaction: bool) -> None:
-        self._factory = factory
+    def __init__(
+        self, open_session: Callable[[], Awaitable[AsyncSession]], *, transaction: bool
+    ) -> None:
+        self._open = open_session
         self._wants_transaction = transaction
         self._transaction: AsyncSessionTransaction | None = None
         self._users: UserRepository | None = None
@@ -111,7 +119,7 @@ class UnitOfWork:
         self._token_keys: TokenKeyRepository | None = None
 
     async def __aenter__(self) -> UnitOfWork:
-        session = self._session = self._factory()
+        session = self._session = await self._open()
         if self._wants_transaction:
             # Nothing reaches the database yet: SQLAlchemy begins with the first statement.
             transaction = session.begin()
