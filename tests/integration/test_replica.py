@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blog.v1 import user_pb2
 from conftest import _migrate, running_server, settings_for
@@ -205,7 +206,9 @@ async def test_reads_fall_back_to_the_primary_while_the_standby_is_down(
                     user_pb2.ListUsersRequest(filter=f"id = {created.id}")
                 )
                 assert [u.id for u in page.users] == [created.id]
-            assert live.server.ready_for_test() is True  # type: ignore[attr-defined]
+            health = health_pb2_grpc.HealthStub(live.channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="blog.v1.UserService"))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
             assert any("replica" in r.getMessage() for r in caplog.records), caplog.text
         finally:
             pair.standby.restart()
@@ -273,7 +276,7 @@ async def test_a_stream_cancelled_by_a_recovery_conflict_resumes(
         codes = []
         for _ in range(5):  # bounded: resume at most a few times
             try:
-                async for message in call:
+                while (message := await call.read()) is not grpc.aio.EOF:
                     got.extend(u.id for u in message.users)
                     token = message.resume_token
                 break
