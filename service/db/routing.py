@@ -100,5 +100,6 @@ def drop_closed_connections(engine: AsyncEngine) -> None:
         dbapi_connection: object, _record: ConnectionPoolEntry, _proxy: object
     ) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
-        if driver is not None and driver.is_closed():
+        is_closed = getattr(driver, "is_closed", None)  # asyncpg's; aiosqlite has none
+        if is_closed is not None and is_closed():
             raise DisconnectionError("the server closed this connection")
