@@ -83,35 +83,30 @@ def _create_postgres_engine(settings: Settings, url: str) -> AsyncEngine:
     idle_ms = idle_in_transaction_ms(settings)
     statement_ms = int(settings.db_statement_timeout * 1000)
     if settings.db_pgbouncer:
-        engine = create_async_engine(
-            url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            pool_timeout=settings.db_pool_timeout,
-            pool_recycle=settings.db_pool_recycle,
-            pool_pre_ping=False,
-            connect_args={**pooler_connect_args(), "timeout": 5},
-            execution_options={_POOLED: True},
-        )
-        _install_pooler_hooks(engine, statement_ms=statement_ms, idle_ms=idle_ms)
-        return engine
-    # A paused stream holds a transaction; the server ends it if it idles far longer
-    # than STREAM_IDLE_TIMEOUT, as the last backstop against a leaked connection.
-    server_settings = {
-        "application_name": "blog-service",
-        "idle_in_transaction_session_timeout": str(idle_ms),
-    }
-    if statement_ms:
-        server_settings["statement_timeout"] = str(statement_ms)
-    return create_async_engine(
+        connect_args: dict[str, Any] = {**pooler_connect_args(), "timeout": 5}
+    else:
+        # A paused stream holds a transaction; the server ends it if it idles far longer
+        # than STREAM_IDLE_TIMEOUT, as the last backstop against a leaked connection.
+        server_settings = {
+            "application_name": "blog-service",
+            "idle_in_transaction_session_timeout": str(idle_ms),
+        }
+        if statement_ms:
+            server_settings["statement_timeout"] = str(statement_ms)
+        connect_args = {"server_settings": server_settings, "timeout": 5}
+    engine = create_async_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout,
         pool_recycle=settings.db_pool_recycle,
         pool_pre_ping=False,
-        connect_args={"server_settings": server_settings, "timeout": 5},
+        connect_args=connect_args,
+        execution_options={_POOLED: settings.db_pgbouncer},
     )
+    if settings.db_pgbouncer:
+        _install_pooler_hooks(engine, statement_ms=statement_ms, idle_ms=idle_ms)
+    return engine
 
 
 def _install_pooler_hooks(engine: AsyncEngine, *, statement_ms: int, idle_ms: int) -> None:
