@@ -42,12 +42,16 @@ down_revision = "{head}"
 def upgrade() -> None:
     op.add_column("users", sa.Column("nickname", sa.Text(), nullable=True))
     with op.get_context().autocommit_block():
+        # Outside the migration transaction its SET LOCALs are gone: no statement
+        # timeout for the build, reset afterwards (the connection may be pooled).
+        op.execute("SET statement_timeout = 0")
         # A failed CONCURRENTLY build leaves an INVALID index: drop it first, so a
         # re-run of this revision repairs it.
         op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_users_nickname")
         op.create_index(
             "ix_users_nickname", "users", ["nickname"], postgresql_concurrently=True
         )
+        op.execute("RESET statement_timeout")
 
 
 def downgrade() -> None:
