@@ -32,6 +32,7 @@ import json
 import random
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -90,10 +91,16 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 # A call that is safe to repeat (a read, a create with its request_id) is retried after
-# these; a passed deadline is one attempt's, not the caller's whole budget.
-RETRY_SAFE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# these; a passed deadline is one attempt's, not the caller's whole budget. CANCELLED
+# reaches a caller that did not cancel only when the server or a proxy reset the call
+# (a pod stopping past its grace period): for a repeatable call, one more reason to retry.
+RETRY_SAFE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
 # Streams resume after these; anything else is the caller's to handle.
-RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)
 
 
 def open_channel(
@@ -137,6 +144,7 @@ class BlogClient:
         # worth exporting as metrics in a real client.
         self.stream_resumes = 0
         self.create_retries = 0
+        self.retried_codes: Counter[str] = Counter()
 
     async def get_user(self, user_id: int, *, strong: bool = False) -> user_pb2.User:
         return await self.users.GetUser(
@@ -173,6 +181,7 @@ class BlogClient:
                 if error.code() not in RETRY_SAFE or loop.time() > give_up:
                     raise
                 self.create_retries += 1
+                self.retried_codes[error.code().name] += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 2.0)
 
@@ -207,6 +216,7 @@ class BlogClient:
                     raise
                 resumes += 1
                 self.stream_resumes += 1
+                self.retried_codes[error.code().name] += 1
                 await asyncio.sleep(min(0.1 * 2**resumes, 2.0) * random.uniform(0.5, 1.5))
             finally:
                 call.cancel()
