@@ -73,9 +73,12 @@ class StatementLog:
         self.entries.append(Statement(kind, text, tuple(args)))
 
     def round_trips(self, *, prepares: bool = False) -> int:
-        """Round trips to the database; prepares are left out unless asked for, since
-        whether a statement is prepared again depends on which pooled connection ran it."""
-        return sum(1 for e in self.entries if prepares or e.kind != "prepare")
+        """Round trips to the database. Left out unless `prepares`: what depends on which
+        pooled connection ran the call rather than on the call: prepares, asyncpg's
+        one-time type introspection on a connection that has not met a type yet (e.g.
+        `bigint[]`), and closes of statements asyncpg let go of (behind a pooler, every
+        statement is closed after use)."""
+        return sum(1 for e in self.entries if prepares or not _housekeeping(e))
 
     def kinds(self) -> Counter[str]:
         return Counter(e.kind for e in self.entries)
@@ -98,6 +101,16 @@ class StatementLog:
 
     def __len__(self) -> int:
         return self.round_trips()
+
+
+# asyncpg's type introspection (introspection.py): switch JIT off, walk pg_type, restore.
+_INTROSPECTION = ("typeinfo_tree", "current_setting('jit')", "set_config('jit'")
+
+
+def _housekeeping(entry: Statement) -> bool:
+    if entry.kind in ("prepare", "close"):
+        return True
+    return any(marker in entry.sql for marker in _INTROSPECTION)
 
 
 class _RecordingProtocol:
