@@ -11,7 +11,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from service.errors import FieldViolation, InvalidArgument
+from service.errors import MAX_VIOLATIONS, FieldViolation, InvalidArgument
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
@@ -34,19 +34,29 @@ def ascii_lower(value: str) -> str:
 
 
 class Violations:
-    """Collects field violations; `raise_if_any` ends the call with all of them."""
+    """Collects field violations; `raise_if_any` ends the call with them.
 
-    __slots__ = ("items",)
+    Only the first MAX_VIOLATIONS are kept (the BadRequest shows no more), the rest are
+    only counted, so a request with 100,000 bad mask paths builds no huge list."""
+
+    __slots__ = ("count", "items")
 
     def __init__(self) -> None:
         self.items: list[FieldViolation] = []
+        self.count = 0
 
     def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
+        self.count += 1
+        if len(self.items) < MAX_VIOLATIONS:
+            self.items.append(FieldViolation(field, description))
+
+    def extend(self, violations: Iterable[FieldViolation]) -> None:
+        for violation in violations:
+            self.add(violation.field, violation.description)
 
     def raise_if_any(self) -> None:
-        if self.items:
-            raise InvalidArgument(self.items)
+        if self.count:
+            raise InvalidArgument(self.items, total=self.count)
 
     def text(
         self,
