@@ -22,7 +22,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
 from service.auth import ANONYMOUS, Authenticator
-from service.errors import Aborted, DomainError, Internal, InvalidArgument, abort
+from service.draining import Drain
+from service.errors import Aborted, DomainError, Internal, InvalidArgument, Unavailable, abort
 
 log = logging.getLogger("service.rpc")
 
@@ -75,9 +76,12 @@ def parse(message_class: type[protobuf_message.Message], data: bytes) -> Any:
 class HandlerFactory:
     """Builds generic handlers for a service descriptor from a servicer's snake_case methods."""
 
-    def __init__(self, *, authenticator: Authenticator, idle_timeout: float) -> None:
+    def __init__(
+        self, *, authenticator: Authenticator, idle_timeout: float, drain: Drain | None = None
+    ) -> None:
         self._auth = authenticator
         self._idle_timeout = idle_timeout
+        self.drain = drain or Drain()
 
     def service(self, descriptor: ServiceDescriptor, servicer: object) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -112,11 +116,16 @@ class HandlerFactory:
     ) -> Callable[[bytes, Context], Awaitable[Any]]:
         auth = self._auth
         idle_timeout = self._idle_timeout
+        drain = self.drain
 
         async def handle(data: bytes, context: Context) -> Any:
             started = time.perf_counter()
             caller = "-"
+            task: asyncio.Task[object] | None = None
             try:
+                if drain.draining:
+                    await drain.refuse(context.time_remaining())
+                task = drain.enter(streaming)
                 caller = auth.caller(context.invocation_metadata()) if auth.enabled else ANONYMOUS
                 request = parse(request_class, data)
                 call = Call(context, method, caller, idle_timeout)
@@ -139,6 +148,22 @@ class HandlerFactory:
                     (time.perf_counter() - started) * 1000,
                 )
                 await abort(context, error)
+            except asyncio.CancelledError:
+                if not drain.ended_by_shutdown(task) or context.cancelled():
+                    raise
+                # Shutdown reached its grace deadline with this call still running: say
+                # UNAVAILABLE (retry; a stream resumes from its last resume_token), never
+                # let gRPC's stop answer CANCELLED.
+                assert task is not None
+                task.uncancel()
+                log.info("%s UNAVAILABLE: ended by shutdown caller=%s", method, caller)
+                await abort(
+                    context,
+                    Unavailable(
+                        "the server is shutting down; retry (a stream resumes from its "
+                        "last resume_token)"
+                    ),
+                )
             except Exception:
                 if context.cancelled():
                     # The client went away mid-call (a stream write failed): not our fault,
@@ -148,6 +173,9 @@ class HandlerFactory:
                 error_id = uuid.uuid4().hex
                 log.exception("%s INTERNAL error_id=%s caller=%s", method, error_id, caller)
                 await abort(context, Internal(error_id))
+            finally:
+                if task is not None:
+                    drain.leave(task)
             return None
 
         return handle
