@@ -201,7 +201,9 @@ class BlogServer:
         streams are ended by the service before its grace runs out (DECISIONS.md 15)."""
         grace = self.settings.shutdown_grace if grace is None else grace
         deadline = time.monotonic() + grace
-        margin = min(1.0, grace / 4)  # for the final statuses to go out before exit
+        # Streams still running are ended this long before the grace runs out, so their
+        # statuses go out and their sessions close before the process must be gone.
+        margin = min(2.0, grace / 3)
         server, self._server = self._server, None
         if server is not None:
             await self.health.enter_graceful_shutdown()  # every name NOT_SERVING
