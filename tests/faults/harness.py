@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -48,27 +47,6 @@ class OwnedCluster:
         asyncio_run(_admin(self.admin_url, f'CREATE DATABASE "{name}"'))
         return with_database(self.admin_url, name)
 
-    def _options(self) -> str:
-        c = self._cluster
-        return shlex.join(
-            [
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-k",
-                str(c.root),
-                "-c",
-                "fsync=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "max_connections=300",
-            ]
-        )
-
     def stop(self) -> None:
         c = self._cluster
         proc = c._run("pg_ctl", "-D", str(c.data), "-m", "fast", "-w", "stop", timeout=60)
@@ -79,7 +57,7 @@ class OwnedCluster:
         c = self._cluster
         proc = c._run(
             "pg_ctl", "-D", str(c.data), "-l", str(c.log), "-w", "-t", "60",
-            "-o", self._options(), "start", timeout=70,
+            "-o", c.server_options(), "start", timeout=70,
         )  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {proc.stderr}")

@@ -331,22 +331,6 @@ class _Cluster:
         last: subprocess.CompletedProcess[str] | None = None
         for _attempt in range(5):  # the free port may be taken before the server binds it
             self.port = free_port()
-            options = [
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-k",
-                str(self.root),
-                "-c",
-                "fsync=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "max_connections=300",
-            ]
             last = self._run(
                 "pg_ctl",
                 "-D",
@@ -357,7 +341,7 @@ class _Cluster:
                 "-t",
                 str(int(STARTUP_TIMEOUT)),
                 "-o",
-                shlex.join(options),
+                self.server_options(),
                 "start",
                 timeout=STARTUP_TIMEOUT + 10,
             )
@@ -380,6 +364,18 @@ class _Cluster:
             if time.monotonic() > deadline:
                 raise self._fail(f"server never accepted connections at {url}: {error!r}", None)
             time.sleep(0.1)
+
+    def server_options(self) -> str:
+        """The `pg_ctl -o` options the cluster runs with (also for a restart)."""
+        options = ["-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.root)]
+        for setting in (
+            "fsync=off",
+            "full_page_writes=off",
+            "synchronous_commit=off",
+            "max_connections=300",
+        ):
+            options += ["-c", setting]
+        return shlex.join(options)
 
     def _postmaster_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError, IndexError):
