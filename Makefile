@@ -16,7 +16,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 PROTOS := $(wildcard protos/blog/v1/*.proto)
 
-.PHONY: help venv generate check lint typecheck buf-lint buf-breaking generated-fresh \
+.PHONY: help venv generate check lint typecheck import-check buf-lint buf-breaking generated-fresh \
         test test-faults test-integration run migrate bench bench-quick lock clean
 
 help:
@@ -24,7 +24,8 @@ help:
 	@echo "make test         run the test suite on PostgreSQL and SQLite (PY_VERSION=3.12|3.13 too)"
 	@echo "make test-faults  the fault suite: database cuts, signals, leaks, fuzzing"
 	@echo "make test-integration  PgBouncer, a streaming replica, Prometheus"
-	@echo "make check        ruff, mypy --strict, buf lint/breaking, hadolint, generated code fresh"
+	@echo "make check        ruff, mypy --strict, import direction, buf lint/breaking, hadolint,"
+	@echo "                  generated code fresh"
 	@echo "make generate     regenerate generated/ from protos/"
 	@echo "make migrate      bring DATABASE_URL's schema to the newest revision"
 	@echo "make bench        full benchmark run; make bench-quick: a short one"
@@ -57,6 +58,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Layers import downwards only (docs/ARCHITECTURE.md, "What each folder may import").
+import-check: $(STAMP)
+	$(BIN)/python scripts/check-imports.py
+
 buf-lint: $(BUF)
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
@@ -67,7 +72,7 @@ buf-breaking: $(BUF)
 hadolint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
 
-check: lint typecheck buf-lint buf-breaking generated-fresh hadolint
+check: lint typecheck import-check buf-lint buf-breaking generated-fresh hadolint
 
 # The everyday suite; the fault and integration suites start real processes and faults
 # (throwaway clusters, PgBouncer, Prometheus) and run in CI once, on 3.11.

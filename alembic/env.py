@@ -40,8 +40,16 @@ def do_run_migrations(connection: Connection) -> None:
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
+            # The serving statement_timeout does not apply: a migration, or a second
+            # `migrate` waiting below for the first, takes as long as it takes.
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
+            connection.execute(text("SET LOCAL lock_timeout = 0"))
             # Concurrent `migrate` runs queue here; the second sees the first's work.
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+            # A DDL statement waiting for a table lock queues every later statement on
+            # that table behind it: give up soon; service.db.migrations retries.
+            lock_timeout_ms = int(config.attributes.get("lock_timeout_ms", 5000))
+            connection.execute(text(f"SET LOCAL lock_timeout = {lock_timeout_ms}"))
         context.run_migrations()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import multiprocessing
@@ -11,38 +12,66 @@ import multiprocessing.connection
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
-from service import logs
+from service import logs, startup
 from service.config import Settings
 
 log = logging.getLogger("service")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
+    fields = Settings.model_fields
+    listen_default = fields["grpc_listen"].default
+    url_default = fields["database_url"].default
     parser = argparse.ArgumentParser(
-        prog="python -m service",
+        prog=prog,
         description="blog.v1 gRPC service. Configuration comes from the environment "
-        "(see README.md); flags override it.",
+        "(every variable and its default: README.md, Configuration); flags override it.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve gRPC until SIGTERM or SIGINT")
-    serve.add_argument("--listen", help="address to listen on (GRPC_LISTEN)")
-    serve.add_argument("--database-url", help="SQLAlchemy URL (DATABASE_URL)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve gRPC until SIGTERM or SIGINT (SIGHUP re-reads tokens and certificates)",
+        description="Serve gRPC until SIGTERM or SIGINT; SIGHUP re-reads AUTH_TOKENS_FILE "
+        "and the TLS certificate and key.",
+    )
     serve.add_argument(
-        "--migrate", action="store_true", help="migrate the schema first instead of refusing"
+        "--listen",
+        metavar="HOST:PORT",
+        help=f"address to listen on (default: $GRPC_LISTEN, else {listen_default})",
+    )
+    serve.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=f"SQLAlchemy URL (default: $DATABASE_URL, else {url_default})",
+    )
+    serve.add_argument(
+        "--migrate",
+        action="store_true",
+        help="migrate the schema first instead of refusing one that is behind (default: off)",
     )
     serve.add_argument(
         "--workers",
         type=int,
         default=1,
-        help="processes sharing the port through SO_REUSEPORT (default 1)",
+        metavar="N",
+        help="processes sharing the port through SO_REUSEPORT (default: 1)",
     )
-    migrate = commands.add_parser("migrate", help="bring the schema to the newest revision")
-    migrate.add_argument("--database-url", help="SQLAlchemy URL (DATABASE_URL)")
+    migrate = commands.add_parser(
+        "migrate",
+        help="bring the schema to the newest revision",
+        description="Bring the schema to the newest revision; a schema newer than this "
+        "release is left as it is (exit 0).",
+    )
+    migrate.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=f"SQLAlchemy URL (default: $DATABASE_URL, else {url_default})",
+    )
     return parser
 
 
@@ -65,44 +94,65 @@ def _run(coroutine: Any) -> None:
         uvloop.run(coroutine)
 
 
-def _migrate(settings: Settings) -> None:
-    from service.db.engine import create_engine
-    from service.db.migrations import schema_status, upgrade
-
-    async def run() -> None:
-        engine = create_engine(settings)
-        try:
-            await upgrade(engine)
-            status = await schema_status(engine)
-            log.info("schema at %s", ", ".join(status.database))
-        finally:
-            await engine.dispose()
-
-    _run(run())
-
-
-def _serve(settings: Settings, *, migrate: bool, reuse_port: bool) -> None:
-    from service.server import ListenError, SchemaBehindError, serve
+def _explained(settings: Settings, run: Callable[[], None]) -> None:
+    """Run a command; a start-up failure a person can fix is one line and exit 1 (2 for
+    a schema that is behind), never a traceback. Anything else is a bug: it keeps its
+    traceback."""
+    from service.server import ListenError, SchemaBehindError
 
     try:
-        _run(serve(settings, migrate=migrate, reuse_port=reuse_port))
+        startup.preflight(settings)
+        run()
     except SchemaBehindError as error:
         log.error("%s", error)
         sys.exit(2)
     except ListenError as error:
         log.error("%s", error)
         sys.exit(1)
+    except Exception as error:
+        message = startup.explain(error, settings)
+        if message is None:
+            raise
+        log.error("%s", message)
+        sys.exit(1)
 
 
-def _worker(overrides: dict[str, Any], index: int) -> None:
+def _migrate(settings: Settings) -> None:
+    from service.db.engine import create_engine
+    from service.db.migrations import SchemaState, describe_revisions, schema_status, upgrade
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            if await upgrade(engine, lock_timeout=settings.migration_lock_timeout) is (
+                SchemaState.CURRENT
+            ):
+                status = await schema_status(engine)
+                log.info("schema at %s", describe_revisions(status.database))
+        finally:
+            await engine.dispose()
+
+    _explained(settings, lambda: _run(run()))
+
+
+def _serve(settings: Settings, *, migrate: bool, reuse_port: bool) -> None:
+    from service.server import serve
+
+    # Until the server installs its SIGHUP handler, a reload request must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _explained(settings, lambda: _run(serve(settings, migrate=migrate, reuse_port=reuse_port)))
+
+
+def _worker(overrides: dict[str, Any], index: int, command: str) -> None:
     """A child of `serve --workers N`: a fresh interpreter with its own server and pool.
 
     It reads its settings as the parent did (the environment it inherits, plus the
     parent's flags), so secrets never pass through a serialised Settings object
     (pydantic writes SecretStr as asterisks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns ^C into SIGTERM
+    startup.set_command(command)
     settings = Settings(**overrides)
     logs.configure(settings.log_level, settings.log_format)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns ^C into SIGTERM
     _serve(settings, migrate=False, reuse_port=True)
 
 
@@ -118,20 +168,43 @@ def _serve_workers(
     # so a target pickled as `__main__._worker` cannot be found there.
     worker = importlib.import_module("service.__main__")._worker
     children = [
-        context.Process(target=worker, args=(overrides, i), name=f"worker-{i}", daemon=False)
+        context.Process(
+            target=worker,
+            args=(overrides, i, startup.command()),
+            name=f"worker-{i}",
+            daemon=False,
+        )
         for i in range(workers)
     ]
+    started: list[multiprocessing.process.BaseProcess] = []
+    stopping = False
+
+    def send(child: multiprocessing.process.BaseProcess, signum: int) -> None:
+        if child.pid is not None and child.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    def stop(_signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in started:
+            send(child, signal.SIGTERM)
+
+    def reload(_signum: int, _frame: object) -> None:
+        for child in started:
+            send(child, signal.SIGHUP)
+
+    # Before any child exists, so a signal during start-up is never lost or fatal.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for child in children:
         child.start()
-    log.info("started %d workers: %s", workers, [c.pid for c in children])
+        started.append(child)
+        if stopping:  # the signal came while this child was being started
+            send(child, signal.SIGTERM)
+    log.info("started %d workers: %s", workers, ", ".join(str(c.pid) for c in children))
 
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.is_alive() and child.pid is not None:
-                os.kill(child.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
     exit_code = 0
     running = list(children)
     while running:
@@ -140,20 +213,30 @@ def _serve_workers(
         for child in [c for c in running if c.sentinel in ended]:
             child.join()
             running.remove(child)
-            if child.exitcode:
+            if stopping and child.exitcode == -signal.SIGTERM:
+                # The SIGTERM this process forwarded reached the child before its handler
+                # was installed (it was still starting): it stopped as asked.
+                log.info("%s stopped by SIGTERM while starting", child.name)
+            elif child.exitcode:
                 log.error("%s exited with %s", child.name, child.exitcode)
                 exit_code = 1
-                forward(signal.SIGTERM, None)  # one worker failed: take the others down too
+                stop()  # one worker failed: take the others down too
     sys.exit(exit_code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    prog = startup.set_command(sys.argv[0] if sys.argv else "")
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
     overrides = _overrides(args)
     try:
         settings = Settings(**overrides)
     except ValidationError as error:
-        print(f"invalid configuration:\n{error}", file=sys.stderr)
+        print(
+            f"{prog}: invalid configuration: {startup.describe_settings_error(error)} "
+            "(fix the environment variable, or the flag that sets it)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "migrate":
@@ -163,8 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.workers == 1:
         _serve(settings, migrate=args.migrate, reuse_port=False)
     else:
-        print("--workers must be at least 1", file=sys.stderr)
-        sys.exit(2)
+        parser.error("--workers must be at least 1")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+PAGE_TOKEN_SECRET_MIN_BYTES = 32
+# Addresses gRPC binds without a host:port (a Unix socket, a VM socket).
+_NON_TCP_ADDRESSES = ("unix:", "unix-abstract:", "vsock:")
+
+
+def mask_url(url: str) -> str:
+    """A database URL fit for a log line or an error message: the password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        # Not parseable as a URL: mask whatever sits between `user:` and `@`.
+        return re.sub(r"(//[^/@:]*:)[^@/]*@", r"\1***@", url)
 
 
 class Settings(BaseSettings):
@@ -26,6 +43,7 @@ class Settings(BaseSettings):
     db_pool_recycle: Annotated[float, Field(ge=-1)] = 1800.0
     db_statement_timeout: Annotated[float, Field(ge=0)] = 30.0
     db_pgbouncer: bool = False
+    migration_lock_timeout: Annotated[float, Field(gt=0, le=600)] = 5.0
     sqlite_busy_timeout: Annotated[float, Field(ge=0)] = 5.0
 
     stream_max_concurrent: Annotated[int, Field(ge=1)] | None = None
@@ -46,6 +64,7 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    file_reload_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
 
     reflection: bool = True
     log_level: str = "INFO"
@@ -58,8 +77,51 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("sqlite+aiosqlite:", "postgresql+asyncpg:")):
             raise ValueError(
-                "must be a sqlite+aiosqlite:// or postgresql+asyncpg:// SQLAlchemy URL"
+                "must be a sqlite+aiosqlite:// or postgresql+asyncpg:// SQLAlchemy URL, "
+                f"not {mask_url(value)}"
             )
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError):
+            raise ValueError(f"{mask_url(value)} is not a valid SQLAlchemy URL") from None
+        return value
+
+    @field_validator("grpc_listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        if value.startswith(_NON_TCP_ADDRESSES):
+            return value
+        host, colon, port = value.rpartition(":")
+        bracketed = host.startswith("[") == host.endswith("]")
+        if not (colon and host and bracketed and port.isdigit() and int(port) <= 65535):
+            raise ValueError(
+                f"{value!r} is not an address to listen on: use HOST:PORT, "
+                "for example [::]:50051 or 127.0.0.1:50051"
+            )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return level
+
+    @field_validator("page_token_secret")
+    @classmethod
+    def _long_secrets(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secrets = [part.strip() for part in value.get_secret_value().split(",")]
+        if not any(secrets):
+            raise ValueError("holds no secret: unset it, or set one or more, comma-separated")
+        for number, secret in enumerate(secrets, start=1):
+            if secret and len(secret.encode()) < PAGE_TOKEN_SECRET_MIN_BYTES:
+                raise ValueError(
+                    f"secret {number} is {len(secret.encode())} bytes; each must be at least "
+                    f"{PAGE_TOKEN_SECRET_MIN_BYTES} (make one with `openssl rand -base64 48`)"
+                )
         return value
 
     @field_validator("log_format")
@@ -76,10 +138,6 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
         return self
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
 
     @property
     def effective_stream_max_concurrent(self) -> int:

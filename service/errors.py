@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -102,6 +102,57 @@ class InvalidArgument(DomainError):
         ]
 
 
+class FieldViolations:
+    """Collects field violations; `raise_if_any` ends the call with them.
+
+    Only the first MAX_VIOLATIONS are kept (the BadRequest shows no more), the rest are
+    only counted, so a request with 100,000 bad mask paths builds no huge list."""
+
+    __slots__ = ("count", "items")
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+        self.count = 0
+
+    def add(self, field: str, description: str) -> None:
+        self.count += 1
+        if len(self.items) < MAX_VIOLATIONS:
+            self.items.append(FieldViolation(field, description))
+
+    def extend(self, violations: Iterable[FieldViolation]) -> None:
+        for violation in violations:
+            self.add(violation.field, violation.description)
+
+    def raise_if_any(self) -> None:
+        if self.count:
+            raise InvalidArgument(self.items, total=self.count)
+
+    def text(
+        self,
+        field: str,
+        value: str,
+        *,
+        max_length: int,
+        min_length: int = 0,
+        required: bool = False,
+    ) -> bool:
+        """Length in code points and no NUL; True when the value passed."""
+        if "\x00" in value:
+            self.add(field, "must not contain NUL characters")
+            return False
+        if required and not value:
+            self.add(field, "is required")
+            return False
+        length = len(value)
+        if length > max_length:
+            self.add(field, f"must be at most {max_length} characters (got {length})")
+            return False
+        if value and length < min_length:
+            self.add(field, f"must be at least {min_length} characters (got {length})")
+            return False
+        return True
+
+
 class NotFound(DomainError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
@@ -136,6 +187,18 @@ class AlreadyExists(DomainError):
         self.reason = reason
 
 
+def taken(reason: str, *, index: int | None = None, within: bool = False) -> AlreadyExists:
+    """USERNAME_TAKEN or EMAIL_TAKEN; in a batch, for entry `index` (a clash with a live
+    user, or `within` the batch itself)."""
+    what = "username" if reason == "USERNAME_TAKEN" else "email"
+    if index is None:
+        return AlreadyExists(reason, f"the {what} is taken by a live user")
+    where = "an earlier entry of the batch" if within else "a live user"
+    return AlreadyExists(
+        reason, f"requests[{index}]: the {what} is taken by {where}", metadata={"index": str(index)}
+    )
+
+
 class FailedPrecondition(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -156,8 +219,22 @@ class FailedPrecondition(DomainError):
         ]
 
 
+def author_not_live(author_id: int | None) -> FailedPrecondition:
+    """AUTHOR_NOT_LIVE: a post's author_id names no live user (None: not known, as when
+    the foreign key refused the row)."""
+    if author_id is None:
+        return FailedPrecondition(
+            "AUTHOR_NOT_LIVE", subject="author_id", description="the author is not a live user"
+        )
+    return FailedPrecondition(
+        "AUTHOR_NOT_LIVE",
+        subject=f"users/{author_id}",
+        description=f"author_id {author_id} names no live user",
+    )
+
+
 class Aborted(DomainError):
-    """ETAG_MISMATCH or STREAM_STALLED: the caller may read again and retry."""
+    """ETAG_MISMATCH, STREAM_STALLED or TRANSACTION_CONFLICT: the caller may retry."""
 
     code = grpc.StatusCode.ABORTED
 
@@ -166,6 +243,40 @@ class Aborted(DomainError):
     ) -> None:
         super().__init__(message, metadata=metadata)
         self.reason = reason
+
+
+class EtagMismatch(Aborted):
+    """ETAG_MISMATCH. `current_version` is the row's version when the writer read it; the
+    API layer, which alone knows how a version is shown, names it as `current_etag`."""
+
+    def __init__(self, resource: str, *, current_version: int | None = None) -> None:
+        super().__init__(
+            "ETAG_MISMATCH",
+            f"the etag does not match the {resource}'s current etag; read it again",
+        )
+        self.current_version = current_version
+
+
+class TransactionConflict(Aborted):
+    """TRANSACTION_CONFLICT: a serialization failure or deadlock that the service's own
+    retries (Store.run) did not get past; the call may be retried as it is."""
+
+    def __init__(self, *, retry_after: float = 0.1) -> None:
+        super().__init__(
+            "TRANSACTION_CONFLICT", "the transaction conflicted with another one; retry"
+        )
+        self.retry_after = retry_after
+
+    def details(self) -> list[object]:
+        return [_retry_info(self.retry_after)]
+
+
+def _retry_info(after: float) -> error_details_pb2.RetryInfo:
+    seconds = int(after)
+    nanos = int((after - seconds) * 1e9)
+    return error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos)
+    )
 
 
 class Unavailable(DomainError):
@@ -179,13 +290,7 @@ class Unavailable(DomainError):
         self.retry_after = retry_after
 
     def details(self) -> list[object]:
-        seconds = int(self.retry_after)
-        nanos = int((self.retry_after - seconds) * 1e9)
-        return [
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos)
-            )
-        ]
+        return [_retry_info(self.retry_after)]
 
 
 class ResourceExhausted(DomainError):
@@ -209,6 +314,15 @@ class Unauthenticated(DomainError):
 class DeadlineExceeded(DomainError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
+
+
+class DatabaseTimeout(DeadlineExceeded):
+    """The database's own statement_timeout cancelled a statement."""
+
+    reason = "DATABASE_TIMEOUT"
+
+    def __init__(self) -> None:
+        super().__init__("the database statement timed out")
 
 
 class Internal(DomainError):

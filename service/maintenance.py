@@ -10,30 +10,28 @@ from datetime import timedelta
 
 from service.config import Settings
 from service.db.types import utcnow
-from service.db.uow import Database
 from service.errors import Unavailable
-from service.repositories.idempotency import IdempotencyRepository
-from service.repositories.users import UserRepository
+from service.repositories.uow import Store
 
 log = logging.getLogger(__name__)
 
 
 class Purger:
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, store: Store) -> None:
         self._settings = settings
-        self._db = db
+        self._store = store
         self._task: asyncio.Task[None] | None = None
 
     async def purge_once(self) -> tuple[int, int]:
         settings = self._settings
         now = utcnow()
-        async with self._db.unit_of_work() as session:
-            records = await IdempotencyRepository(session).purge(
+        async with self._store.unit_of_work() as uow:
+            records = await uow.idempotency.purge(
                 now - timedelta(hours=settings.idempotency_ttl_hours)
             )
             users = 0
             if settings.user_retention_days is not None:
-                users = await UserRepository(session).purge_deleted(
+                users = await uow.users.purge_deleted(
                     now - timedelta(days=settings.user_retention_days)
                 )
         if records or users:

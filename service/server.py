@@ -20,12 +20,14 @@ from service.api.streams import StreamLimiter
 from service.api.users import UserServicer
 from service.auth import Authenticator
 from service.config import Settings
-from service.db.migrations import SchemaState, schema_status, upgrade
-from service.db.uow import Database
+from service.db.engine import Database
+from service.db.migrations import SchemaState, describe_revisions, schema_status, upgrade
 from service.draining import Drain
 from service.health import NOT_SERVING, SERVING, ReadinessMonitor
 from service.maintenance import Purger
-from service.repositories.token_keys import TokenKeyRepository
+from service.reload import FileReloader, TlsCertificates
+from service.repositories.uow import Store
+from service.startup import command, describe_listen_failure, resolves
 from service.tokens import TokenCodec
 
 log = logging.getLogger(__name__)
@@ -62,22 +64,28 @@ def server_options(settings: Settings, *, reuse_port: bool) -> list[tuple[str, i
 
 @dataclass
 class BlogServer:
-    """One server: its database, servicers and gRPC server. `start`, then `stop`."""
+    """One server: its database, servicers and gRPC server. `start`, then `stop`.
+
+    `db` holds the engines (`db.engine`, `db.read_engine`); `store` opens units of work.
+    """
 
     settings: Settings
     reuse_port: bool = False
     port: int = 0
     db: Database = field(init=False)
+    store: Store = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _readiness: ReadinessMonitor | None = field(default=None, init=False)
     _purger: Purger | None = field(default=None, init=False)
     _refreeze: asyncio.TimerHandle | None = field(default=None, init=False)
     drain: Drain = field(default_factory=Drain, init=False)
+    _files: FileReloader | None = field(default=None, init=False)
 
     async def start(self, *, migrate: bool = False) -> None:
         settings = self.settings
         self.db = Database(settings)
+        self.store = Store(self.db)
         try:
             await self._check_schema(migrate=migrate)
             tokens = await self._token_codec()
@@ -85,13 +93,21 @@ class BlogServer:
             await self.db.dispose()
             raise
         streams = StreamLimiter(settings.effective_stream_max_concurrent)
+        try:
+            authenticator = Authenticator.from_file(settings.auth_tokens_file)
+        except BaseException:
+            await self.db.dispose()
+            raise
+        self._files = FileReloader(settings.file_reload_interval)
+        if settings.auth_tokens_file is not None:
+            self._files.watch("AUTH_TOKENS_FILE", [settings.auth_tokens_file], authenticator.reload)
         factory = HandlerFactory(
-            authenticator=Authenticator.from_file(settings.auth_tokens_file),
+            authenticator=authenticator,
             idle_timeout=settings.stream_idle_timeout,
             drain=self.drain,
         )
-        users = UserServicer(db=self.db, tokens=tokens, streams=streams, settings=settings)
-        posts = PostServicer(db=self.db, tokens=tokens, streams=streams, settings=settings)
+        users = UserServicer(store=self.store, tokens=tokens, streams=streams, settings=settings)
+        posts = PostServicer(store=self.store, tokens=tokens, streams=streams, settings=settings)
         server = grpc.aio.server(options=server_options(settings, reuse_port=self.reuse_port))
         server.add_generic_rpc_handlers(
             [
@@ -117,8 +133,9 @@ class BlogServer:
             await self.health.set(name, NOT_SERVING)
         self._readiness = ReadinessMonitor(settings, self.health, READINESS_SERVICES)
         await self._readiness.start()
-        self._purger = Purger(settings, self.db)
+        self._purger = Purger(settings, self.store)
         self._purger.start()
+        self._files.start()
         _freeze_heap()
         self._refreeze = asyncio.get_running_loop().call_later(30.0, _freeze_heap)
         log.info(
@@ -130,60 +147,62 @@ class BlogServer:
 
     def _bind(self, server: grpc.aio.Server) -> int:
         settings = self.settings
+        unresolved = resolves(settings.grpc_listen)
+        if unresolved is not None:
+            raise ListenError(unresolved)
         try:
             if settings.tls_cert_file is None or settings.tls_key_file is None:
                 port = server.add_insecure_port(settings.grpc_listen)
             else:
-                client_ca = (
-                    settings.tls_client_ca_file.read_bytes()
-                    if settings.tls_client_ca_file
-                    else None
+                # Dynamic credentials: a reload (SIGHUP, changed files) serves the new
+                # certificate to new connections without a restart.
+                tls = TlsCertificates(
+                    settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
                 )
-                credentials = grpc.ssl_server_credentials(
-                    [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
-                    root_certificates=client_ca,
-                    require_client_auth=client_ca is not None,
-                )
-                port = server.add_secure_port(settings.grpc_listen, credentials)
+                assert self._files is not None
+                self._files.watch("the TLS certificate", tls.paths, tls.reload)
+                port = server.add_secure_port(settings.grpc_listen, tls.credentials())
         except RuntimeError:  # grpcio raises "Failed to bind to address ..."
             port = 0
         if port == 0:
-            raise ListenError(
-                f"could not listen on {settings.grpc_listen}: the address is in use "
-                "(by a server without SO_REUSEPORT) or not one of this host's"
-            )
+            raise ListenError(describe_listen_failure(settings.grpc_listen))
         return port
+
+    def reload_files(self) -> None:
+        """SIGHUP: re-read AUTH_TOKENS_FILE and the TLS certificate and key now."""
+        if self._files is not None:
+            self._files.reload_all()
 
     async def _check_schema(self, *, migrate: bool) -> None:
         if migrate:
-            await upgrade(self.db.engine)
+            await upgrade(self.db.engine, lock_timeout=self.settings.migration_lock_timeout)
         status = await schema_status(self.db.engine)
         if status.state is SchemaState.BEHIND:
             raise SchemaBehindError(
-                f"the database schema is behind (at {list(status.database) or 'nothing'}, "
-                f"this release needs {list(status.code)}): run `python -m service migrate` "
-                "or start with `serve --migrate`"
+                f"the database schema is behind: it is at {describe_revisions(status.database)}"
+                f", this release needs {describe_revisions(status.code)}: run "
+                f"`{command()} migrate` first, or start with `{command()} serve --migrate`"
             )
         if status.state is SchemaState.AHEAD:
             log.warning(
-                "the database schema %s is ahead of this release %s; continuing "
-                "(migrations are expand/contract)",
-                list(status.database),
-                list(status.code),
+                "the database schema is ahead of this release (%s; this release knows %s): "
+                "serving anyway (migrations are expand/contract)",
+                describe_revisions(status.database),
+                describe_revisions(status.code),
             )
 
     async def _token_codec(self) -> TokenCodec:
         async def load_db_keys() -> list[tuple[str, bytes]]:
             # From the primary: a replica may not have the key this process just made.
-            async with self.db.unit_of_work("write") as session:
-                return await TokenKeyRepository(session).all()
+            async with self.store.unit_of_work("write") as uow:
+                return await uow.token_keys.all()
 
         env_keys: list[tuple[str, bytes]] = []
         if self.settings.page_token_secret is not None:
             env_keys = TokenCodec.env_keys(self.settings.page_token_secret.get_secret_value())
         if not env_keys:
-            async with self.db.unit_of_work() as session:
-                await TokenKeyRepository(session).ensure_default()
+            async with self.store.unit_of_work() as uow:
+                await uow.token_keys.ensure_default()
         db_keys = await load_db_keys()
 
         async def reload() -> list[tuple[str, bytes]]:
@@ -198,7 +217,7 @@ class BlogServer:
         Never CANCELLED (API.md, shutdown): `server.stop` cancels calls gRPC has queued
         but not handed to a handler yet (grpc/grpc#41785) and, at its grace, every call
         still running; so it is called only once the queue had time to empty, and
-        streams are ended by the service before its grace runs out (DECISIONS.md 15)."""
+        streams are ended by the service before its grace runs out (DECISIONS.md 26)."""
         grace = self.settings.shutdown_grace if grace is None else grace
         deadline = time.monotonic() + grace
         # Streams still running are ended this long before the grace runs out, so their
@@ -214,6 +233,8 @@ class BlogServer:
             await self._purger.stop()
         if self._refreeze is not None:
             self._refreeze.cancel()
+        if self._files is not None:
+            await self._files.stop()
         if server is not None:
             started = time.monotonic()
             in_flight = self.drain.in_flight
@@ -263,6 +284,7 @@ async def serve(settings: Settings, *, migrate: bool = False, reuse_port: bool =
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_files)
     await stopping.wait()
     log.info("shutting down: draining for up to %gs", settings.shutdown_grace)
     await server.stop()

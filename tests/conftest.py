@@ -8,6 +8,7 @@ tests stay apart by unique data (tests/factories.py), not by rollback tricks.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,8 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, Phase
+from hypothesis import settings as hypothesis_settings
 
 from blog.v1 import post_pb2_grpc, user_pb2_grpc
 from service.config import Settings
@@ -27,10 +30,44 @@ from support.postgres import PostgresServer, ensure_postgres
 
 BACKENDS = ("postgresql", "sqlite")
 
+# Property tests (tests/property): few examples in `make test`, the same ones every run
+# (derandomize), so the suite stays bounded and a CI failure reproduces locally. No
+# shrinking there: against a database it can take minutes; the failing example is
+# printed as drawn. HYPOTHESIS_PROFILE=long explores many more examples from random
+# seeds and shrinks what fails (rerun with the printed @reproduce_failure blob).
+hypothesis_settings.register_profile(
+    "default",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow],
+)
+hypothesis_settings.register_profile(
+    "long",
+    max_examples=400,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    server = ensure_postgres()
+def postgres(pytestconfig: pytest.Config) -> Iterator[PostgresServer]:
+    def announce(line: str) -> None:
+        """On the terminal even under -q and output capture, like pytest's own lines."""
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or capture is None:
+            print(line, file=sys.__stderr__, flush=True)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("")
+            reporter.write_line(line, yellow=True)
+
+    server = ensure_postgres(announce=announce)
     try:
         yield server
     finally:

@@ -1,4 +1,5 @@
-"""Rows to messages. Plain attribute access, so ORM objects and Core rows both work.
+"""Rows to messages, and etags to versions and back. Plain attribute access, so ORM
+objects, Core rows and driver records all work.
 
 Messages are built in place: `add_*` take a constructor, either the message class
 (for a single response) or a repeated field's `add` (for pages and stream batches),
@@ -15,7 +16,6 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from blog.v1 import post_pb2, user_pb2
-from service.repositories.users import etag_of
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_TAGS: tuple[str, ...] = ()
@@ -24,6 +24,19 @@ _FIXED_BYTES = 96
 
 UserFactory = Callable[..., user_pb2.User]
 PostFactory = Callable[..., post_pb2.Post]
+
+
+def etag_of(version: int) -> str:
+    """The etag of a row at a version. Opaque to callers; changes on every write."""
+    return f"v{version}"
+
+
+def version_of(etag: str) -> int:
+    """The version an etag names; -1 (matches nothing) when it is not one of ours."""
+    digits = etag[1:]
+    if etag.startswith("v") and digits.isascii() and digits.isdigit() and len(digits) < 19:
+        return int(digits)
+    return -1
 
 
 def set_timestamp(target: Timestamp, value: datetime) -> None:

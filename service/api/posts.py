@@ -9,34 +9,18 @@ from google.protobuf import empty_pb2
 
 from blog.v1 import post_pb2
 from service.api.base import Servicer
-from service.api.convert import add_post, to_post_message
-from service.api.query import QuerySpec
+from service.api.convert import add_post, to_post_message, version_of
 from service.api.rpc import Call
 from service.api.streams import send_batches
-from service.api.validation import Violations, check_id, masked_fields, request_digest
-from service.db.models import posts_table
-from service.errors import FailedPrecondition, InvalidArgument
-from service.filtering import FieldKind, FilterField, substring_has
-from service.repositories.idempotency import IdempotencyKey, IdempotencyRepository
-from service.repositories.posts import DEFAULT_ORDER, ORDERABLE, PostRepository, has_tag
-from service.repositories.users import UserRepository, version_of
+from service.api.validation import Violations, check_id, masked_fields
+from service.repositories.posts import POST_QUERY
+from service.repositories.uow import UnitOfWork
 
 MUTABLE = ("title", "body", "tags")
 IMMUTABLE = ("author_id",)
 OUTPUT_ONLY = ("id", "create_time", "update_time", "etag", "author")
 FULL = post_pb2.POST_VIEW_FULL
 VIEWS = frozenset(post_pb2.PostView.values())
-
-_P = posts_table.c
-FILTERABLE: dict[str, FilterField] = {
-    "id": FilterField(FieldKind.INT, _P.id),
-    "author_id": FilterField(FieldKind.INT, _P.author_id),
-    "title": FilterField(FieldKind.STRING, _P.title, substring_has(_P.title)),
-    "create_time": FilterField(FieldKind.TIMESTAMP, _P.create_time),
-    "update_time": FilterField(FieldKind.TIMESTAMP, _P.update_time),
-    "tags": FilterField(FieldKind.STRING, None, has_tag),
-}
-QUERY = QuerySpec("posts", FILTERABLE, ORDERABLE, DEFAULT_ORDER)
 
 
 class PostServicer(Servicer):
@@ -70,43 +54,40 @@ class PostServicer(Servicer):
         request_id = violations.request_id("request_id", request.request_id)
         violations.raise_if_any()
         tags: list[str] = values.pop("tags")
-        async with self._db.unit_of_work() as session:
-            repo = PostRepository(session)
-            if request_id:
-                key = IdempotencyKey(call.caller, call.method, request_id)
-                digest = request_digest({"author_id": post.author_id, "tags": tags, **values})
-                records = IdempotencyRepository(session)
-                prior = await records.claim(key, digest)
-                if prior is not None:
-                    if prior.request_hash != digest:
-                        raise InvalidArgument.field(
-                            "request_id",
-                            "was already used with a different request",
-                            reason="REQUEST_ID_REUSED",
-                        )
-                    existing = await repo.get(prior.resource_id, full=False)
-                    return to_post_message(existing, existing.tags, full=False)
-            # Share-lock the author so a concurrent DeleteUser cannot slip in between.
-            if not await UserRepository(session).lock_live(post.author_id):
-                raise FailedPrecondition(
-                    "AUTHOR_NOT_LIVE",
-                    subject=f"users/{post.author_id}",
-                    description=f"author_id {post.author_id} names no live user",
+        key = self._idempotency_key(call, request_id)
+
+        async def work(uow: UnitOfWork) -> post_pb2.Post:
+            posts = uow.posts
+
+            async def create() -> post_pb2.Post:
+                row = await posts.create(
+                    author_id=post.author_id, title=values["title"], body=values["body"], tags=tags
                 )
-            row = await repo.create(
-                author_id=post.author_id, title=values["title"], body=values["body"], tags=tags
+                return to_post_message(row, tags, full=False)
+
+            async def replay(post_id: int) -> post_pb2.Post:
+                row = await posts.get(post_id, full=False)
+                return to_post_message(row, row.tags, full=False)
+
+            return await uow.idempotency.create_once(
+                key,
+                payload={"author_id": post.author_id, "tags": tags, **values},
+                create=create,
+                encode=post_pb2.Post.SerializeToString,
+                decode=post_pb2.Post.FromString,
+                resource_id_of=_id_of,
+                replay=replay,
             )
-            if request_id:
-                await records.record(key, row.id)
-        return to_post_message(row, tags, full=False)
+
+        return await self._write(call, work)
 
     async def get_post(self, request: post_pb2.GetPostRequest, call: Call) -> post_pb2.Post:
         violations = Violations()
         violations.resource_id("id", request.id)
         full = self._view(violations, request.view)
         violations.raise_if_any()
-        async with self._db.unit_of_work("read") as session:
-            row = await PostRepository(session).get(request.id, full=full)
+        async with self._store.unit_of_work("read") as uow:
+            row = await uow.posts.get(request.id, full=full)
         return to_post_message(row, row.tags, full=full)
 
     async def list_posts(
@@ -115,7 +96,7 @@ class PostServicer(Servicer):
         violations = Violations()
         page_size = violations.page_size("page_size", request.page_size)
         full = self._view(violations, request.view)
-        query = await QUERY.parse(
+        query = await POST_QUERY.parse(
             violations,
             self._tokens,
             filter_text=request.filter,
@@ -124,14 +105,8 @@ class PostServicer(Servicer):
             token_field="page_token",
         )
         # One statement (tags come in a correlated subquery): an autocommit read.
-        async with self._db.unit_of_work("read") as session:
-            rows = await PostRepository(session).list_page(
-                full=full,
-                where=query.where,
-                ordering=query.ordering,
-                after=query.after,
-                limit=page_size + 1,
-            )
+        async with self._store.unit_of_work("read") as uow:
+            rows = await uow.posts.list_page(query=query, full=full, limit=page_size + 1)
         more = len(rows) > page_size
         rows = rows[:page_size]
         response = post_pb2.ListPostsResponse()
@@ -139,7 +114,7 @@ class PostServicer(Servicer):
         for row in rows:
             add_post(add, row, row.tags, full=full)
         if more:
-            response.next_page_token = QUERY.token(self._tokens, query, "page_token", rows[-1])
+            response.next_page_token = query.token_after(rows[-1])
         return response
 
     async def update_post(self, request: post_pb2.UpdatePostRequest, call: Call) -> post_pb2.Post:
@@ -159,12 +134,14 @@ class PostServicer(Servicer):
         violations.raise_if_any()
         tags: list[str] | None = values.pop("tags", None)
         expected = version_of(post.etag) if post.etag else None
-        async with self._db.unit_of_work() as session:
-            repo = PostRepository(session)
-            row = await repo.update(post.id, values, tags=tags, expected_version=expected)
-            if tags is None:
-                tags = (await repo.tags_of([row.id])).get(row.id, [])
-        return to_post_message(row, tags, full=False)
+
+        async def work(uow: UnitOfWork) -> post_pb2.Post:
+            posts = uow.posts
+            row = await posts.update(post.id, values=values, tags=tags, expected_version=expected)
+            shown = (await posts.tags_of([row.id])).get(row.id, []) if tags is None else tags
+            return to_post_message(row, shown, full=False)
+
+        return await self._write(call, work)
 
     async def delete_post(self, request: post_pb2.DeletePostRequest, call: Call) -> empty_pb2.Empty:
         check_id("id", request.id)
@@ -172,14 +149,17 @@ class PostServicer(Servicer):
         violations.text("etag", request.etag, max_length=64)
         violations.raise_if_any()
         expected = version_of(request.etag) if request.etag else None
-        async with self._db.unit_of_work() as session:
-            await PostRepository(session).delete(request.id, expected_version=expected)
+
+        async def work(uow: UnitOfWork) -> None:
+            await uow.posts.delete(request.id, expected_version=expected)
+
+        await self._write(call, work)
         return empty_pb2.Empty()
 
     async def stream_posts(self, request: post_pb2.StreamPostsRequest, call: Call) -> None:
         violations = Violations()
         full = self._view(violations, request.view)
-        query = await QUERY.parse(
+        query = await POST_QUERY.parse(
             violations,
             self._tokens,
             filter_text=request.filter,
@@ -190,29 +170,27 @@ class PostServicer(Servicer):
         )
         settings = self._settings
         with self._streams.slot():
-            async with self._db.unit_of_work("snapshot") as session:
-                repo = PostRepository(session)
+            async with self._store.unit_of_work("snapshot") as uow:
+                posts = uow.posts
 
                 async def prepare(rows: Sequence[Any]) -> dict[int, list[str]]:
-                    return await repo.tags_of([r.id for r in rows])
+                    return await posts.tags_of([r.id for r in rows])
 
                 def add(put: Callable[..., Any], row: Any, tags: dict[int, list[str]]) -> int:
                     return add_post(put, row, tags.get(row.id, ()), full=full)[1]
 
                 await send_batches(
                     call,
-                    repo.stream(
-                        full=full,
-                        where=query.where,
-                        ordering=query.ordering,
-                        after=query.after,
-                        batch_size=settings.stream_batch_rows,
-                    ),
+                    posts.stream(query=query, full=full, batch_size=settings.stream_batch_rows),
                     prepare=prepare,
                     new_message=post_pb2.StreamPostsResponse,
                     rows_field="posts",
                     add=add,
-                    token_of=lambda row: QUERY.token(self._tokens, query, "resume_token", row),
+                    token_of=query.token_after,
                     max_rows=settings.stream_batch_rows,
                     max_bytes=settings.stream_batch_bytes,
                 )
+
+
+def _id_of(post: post_pb2.Post) -> int:
+    return post.id

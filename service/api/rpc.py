@@ -2,8 +2,9 @@
 
 Handlers are registered with no deserializer, so the service parses the request
 itself: bytes that do not parse (or invalid UTF-8) are INVALID_ARGUMENT rather
-than gRPC's own INTERNAL. Every domain error is turned into a status here, and
-anything unexpected becomes INTERNAL with an error id that is also logged.
+than gRPC's own INTERNAL. Every domain error is turned into a status here, a call
+the client gave up on is logged as CANCELLED, and anything unexpected becomes
+INTERNAL with an error id that is also logged.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ from google.protobuf import message as protobuf_message
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
+from service.api.convert import etag_of
 from service.auth import ANONYMOUS, Authenticator
 from service.draining import Drain
-from service.errors import Aborted, DomainError, Internal, InvalidArgument, Unavailable, abort
+from service.errors import (
+    Aborted,
+    DomainError,
+    EtagMismatch,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+    abort,
+)
 
 log = logging.getLogger("service.rpc")
 
@@ -54,9 +64,10 @@ class Call:
             ) from None
         except Exception as error:
             # A write fails only once the call is over: the client cancelled, its
-            # deadline passed or its connection dropped (grpc.aio may not have cancelled
-            # this task yet). No status can reach the client now: end the handler as a
-            # cancellation, not as an INTERNAL error with a traceback in the log.
+            # deadline passed or its connection dropped, and grpc.aio may not have
+            # cancelled this task yet. No status can reach the client now: end the
+            # handler as a cancellation (the wrapper logs it as CANCELLED), not as an
+            # INTERNAL error with a traceback in the log.
             raise asyncio.CancelledError(f"stream write failed: {error!r}") from error
 
 
@@ -138,7 +149,36 @@ class HandlerFactory:
                         (time.perf_counter() - started) * 1000,
                     )
                 return None if streaming else result
+            except asyncio.CancelledError as cancelled:
+                if drain.ended_by_shutdown(task) and not context.cancelled():
+                    # Shutdown reached its grace deadline with this call still running:
+                    # say UNAVAILABLE (retry; a stream resumes from its last
+                    # resume_token), never let gRPC's stop answer CANCELLED.
+                    assert task is not None
+                    task.uncancel()
+                    log.info("%s UNAVAILABLE: ended by shutdown caller=%s", method, caller)
+                    await abort(
+                        context,
+                        Unavailable(
+                            "the server is shutting down; retry (a stream resumes from its "
+                            "last resume_token)"
+                        ),
+                    )
+                    return None
+                # grpc.aio cancelled the task (the client cancelled, its deadline passed
+                # or its connection dropped), or a stream write failed (`Call.send`):
+                # nobody is left to answer. Log it, and let the cancellation end the task.
+                log.info(
+                    "%s CANCELLED caller=%s %.1fms%s",
+                    method,
+                    caller,
+                    (time.perf_counter() - started) * 1000,
+                    f" ({cancelled.args[0]})" if cancelled.args else "",
+                )
+                raise
             except DomainError as error:
+                if isinstance(error, EtagMismatch) and error.current_version is not None:
+                    error.metadata["current_etag"] = etag_of(error.current_version)
                 log.info(
                     "%s %s reason=%s caller=%s %.1fms",
                     method,
@@ -148,28 +188,7 @@ class HandlerFactory:
                     (time.perf_counter() - started) * 1000,
                 )
                 await abort(context, error)
-            except asyncio.CancelledError:
-                if not drain.ended_by_shutdown(task) or context.cancelled():
-                    raise
-                # Shutdown reached its grace deadline with this call still running: say
-                # UNAVAILABLE (retry; a stream resumes from its last resume_token), never
-                # let gRPC's stop answer CANCELLED.
-                assert task is not None
-                task.uncancel()
-                log.info("%s UNAVAILABLE: ended by shutdown caller=%s", method, caller)
-                await abort(
-                    context,
-                    Unavailable(
-                        "the server is shutting down; retry (a stream resumes from its "
-                        "last resume_token)"
-                    ),
-                )
             except Exception:
-                if context.cancelled():
-                    # The client went away mid-call (a stream write failed): not our fault,
-                    # and there is nobody to answer.
-                    log.info("%s CANCELLED by the client caller=%s", method, caller)
-                    return None
                 error_id = uuid.uuid4().hex
                 log.exception("%s INTERNAL error_id=%s caller=%s", method, error_id, caller)
                 await abort(context, Internal(error_id))

@@ -7,39 +7,19 @@ from typing import Any
 
 from blog.v1 import user_pb2
 from service.api.base import Servicer
-from service.api.convert import add_user, to_user_message
-from service.api.query import QuerySpec
+from service.api.convert import add_user, to_user_message, version_of
 from service.api.rpc import Call
 from service.api.streams import send_batches
-from service.api.validation import Violations, check_id, masked_fields, request_digest
-from service.db.models import users_table
-from service.errors import AlreadyExists, InvalidArgument
-from service.filtering import FieldKind, FilterField, substring_has
-from service.repositories.idempotency import IdempotencyKey, IdempotencyRepository
-from service.repositories.users import (
-    DEFAULT_ORDER,
-    ORDERABLE,
-    UserRepository,
-    normalize_email,
-    version_of,
-)
+from service.api.validation import Violations, check_id, masked_fields
+from service.errors import AlreadyExists, InvalidArgument, taken
+from service.repositories.uow import UnitOfWork
+from service.repositories.users import USER_QUERY, normalize_email
 
 MAX_BATCH = 1000
 MUTABLE = ("username", "email", "display_name", "bio")
 OUTPUT_ONLY = ("id", "create_time", "update_time", "delete_time", "etag", "post_count")
 FULL = user_pb2.USER_VIEW_FULL
 VIEWS = frozenset(user_pb2.UserView.values())
-
-_U = users_table.c
-FILTERABLE: dict[str, FilterField] = {
-    "id": FilterField(FieldKind.INT, _U.id),
-    "username": FilterField(FieldKind.STRING, _U.username),
-    "email": FilterField(FieldKind.STRING, _U.email),
-    "display_name": FilterField(FieldKind.STRING, _U.display_name, substring_has(_U.display_name)),
-    "create_time": FilterField(FieldKind.TIMESTAMP, _U.create_time),
-    "update_time": FilterField(FieldKind.TIMESTAMP, _U.update_time),
-}
-QUERY = QuerySpec("users", FILTERABLE, ORDERABLE, DEFAULT_ORDER)
 
 
 class UserServicer(Servicer):
@@ -72,41 +52,53 @@ class UserServicer(Servicer):
         values = self._user_fields(violations, request.user, "user", MUTABLE)
         request_id = violations.request_id("request_id", request.request_id)
         violations.raise_if_any()
-        try:
-            async with self._db.unit_of_work() as session:
-                users = UserRepository(session)
-                if request_id:
-                    key = IdempotencyKey(call.caller, call.method, request_id)
-                    digest = request_digest(values)
-                    records = IdempotencyRepository(session)
-                    prior = await records.claim(key, digest)
-                    if prior is not None:
-                        if prior.request_hash != digest:
-                            raise InvalidArgument.field(
-                                "request_id",
-                                "was already used with a different request",
-                                reason="REQUEST_ID_REUSED",
-                            )
-                        return to_user_message(await users.require(prior.resource_id))
-                row = await users.create(values)
-                if request_id:
-                    await records.record(key, row.id)
-        except AlreadyExists as error:
-            raise await self._username_first(error, values) from error
-        return to_user_message(row)
+        key = self._idempotency_key(call, request_id)
 
-    async def _username_first(self, error: AlreadyExists, values: dict[str, Any]) -> AlreadyExists:
-        """When username and email both clash the contract says USERNAME_TAKEN; the
-        database reports whichever index it checked first, so ask once more."""
-        if error.reason != "EMAIL_TAKEN":
-            return error
-        async with self._db.unit_of_work("read") as session:
-            names, _ = await UserRepository(session).find_live_clashes(
-                [values["username"]], [values["email"]]
+        async def work(uow: UnitOfWork) -> user_pb2.User:
+            users = uow.users
+
+            async def create() -> user_pb2.User:
+                return to_user_message(await users.create(values))
+
+            async def replay(user_id: int) -> user_pb2.User:
+                return to_user_message(await users.require(user_id))
+
+            return await uow.idempotency.create_once(
+                key,
+                payload=values,
+                create=create,
+                encode=user_pb2.User.SerializeToString,
+                decode=user_pb2.User.FromString,
+                resource_id_of=_id_of,
+                replay=replay,
             )
-        if names:
-            return AlreadyExists("USERNAME_TAKEN", "the username is taken by a live user")
-        return error
+
+        try:
+            return await self._write(call, work)
+        except AlreadyExists as error:
+            raise await self._username_first(error, [values]) from error
+
+    async def _username_first(
+        self,
+        error: AlreadyExists,
+        entries: list[dict[str, Any]],
+        *,
+        batch: bool = False,
+        exclude_id: int | None = None,
+    ) -> AlreadyExists:
+        """The clash to report once the unique indexes refused a write: the database
+        names whichever index it checked first, so ask again which entry clashes and on
+        what (`UserRepository.first_clash`: the username first). Asked of the primary,
+        in a unit of work of its own (the failed one is rolled back): the primary has
+        the row that clashed, a replica may not have it yet."""
+        if not batch and error.reason != "EMAIL_TAKEN":
+            return error
+        async with self._store.unit_of_work("write") as uow:
+            clash = await uow.users.first_clash(entries, exclude_id=exclude_id)
+        if clash is None:
+            return error
+        index, reason = clash
+        return taken(reason, index=index) if batch else taken(reason)
 
     async def batch_create_users(
         self, request: user_pb2.BatchCreateUsersRequest, call: Call
@@ -119,37 +111,38 @@ class UserServicer(Servicer):
             self._user_fields(violations, entry.user, f"requests[{i}].user", MUTABLE)
             for i, entry in enumerate(request.requests)
         ]
+        request_id = violations.request_id("request_id", request.request_id)
         violations.raise_if_any()
         _reject_duplicates_within(entries)
+        key = self._idempotency_key(call, request_id)
+
+        async def work(uow: UnitOfWork) -> user_pb2.BatchCreateUsersResponse:
+            async def create() -> user_pb2.BatchCreateUsersResponse:
+                response = user_pb2.BatchCreateUsersResponse()
+                _add_users(response.users, await uow.users.create_many(entries), None)
+                return response
+
+            return await uow.idempotency.create_once(
+                key,
+                payload={"requests": entries},
+                create=create,
+                encode=user_pb2.BatchCreateUsersResponse.SerializeToString,
+                decode=user_pb2.BatchCreateUsersResponse.FromString,
+            )
+
         try:
-            async with self._db.unit_of_work() as session:
-                rows = await UserRepository(session).create_many(entries)
+            return await self._write(call, work)
         except AlreadyExists as error:
             # The constraint refused the batch (nothing was written); say which entry.
-            raise await self._clashing_entry(entries) or error from error
-        response = user_pb2.BatchCreateUsersResponse()
-        _add_users(response.users, rows, None)
-        return response
-
-    async def _clashing_entry(self, entries: list[dict[str, Any]]) -> AlreadyExists | None:
-        async with self._db.unit_of_work("read") as session:
-            names, emails = await UserRepository(session).find_live_clashes(
-                [e["username"] for e in entries], [e["email"] for e in entries]
-            )
-        for index, entry in enumerate(entries):
-            if entry["username"] in names:
-                return _taken("USERNAME_TAKEN", index)
-            if normalize_email(entry["email"]) in emails:
-                return _taken("EMAIL_TAKEN", index)
-        return None
+            raise await self._username_first(error, entries, batch=True) from error
 
     async def get_user(self, request: user_pb2.GetUserRequest, call: Call) -> user_pb2.User:
         violations = Violations()
         violations.resource_id("id", request.id)
         full = self._view(violations, request.view)
         violations.raise_if_any()
-        async with self._db.unit_of_work("snapshot" if full else "read") as session:
-            users = UserRepository(session)
+        async with self._store.unit_of_work("snapshot" if full else "read") as uow:
+            users = uow.users
             row = await users.require(request.id)
             if not full:
                 return to_user_message(row)
@@ -162,7 +155,7 @@ class UserServicer(Servicer):
         violations = Violations()
         page_size = violations.page_size("page_size", request.page_size)
         full = self._view(violations, request.view)
-        query = await QUERY.parse(
+        query = await USER_QUERY.parse(
             violations,
             self._tokens,
             filter_text=request.filter,
@@ -171,14 +164,10 @@ class UserServicer(Servicer):
             token_field="page_token",
             bound_to=(request.show_deleted,),
         )
-        async with self._db.unit_of_work("snapshot" if full else "read") as session:
-            users = UserRepository(session)
+        async with self._store.unit_of_work("snapshot" if full else "read") as uow:
+            users = uow.users
             rows = await users.list_page(
-                where=query.where,
-                show_deleted=request.show_deleted,
-                ordering=query.ordering,
-                after=query.after,
-                limit=page_size + 1,
+                query=query, show_deleted=request.show_deleted, limit=page_size + 1
             )
             more = len(rows) > page_size
             rows = rows[:page_size]
@@ -186,7 +175,7 @@ class UserServicer(Servicer):
         response = user_pb2.ListUsersResponse()
         _add_users(response.users, rows, counts)
         if more:
-            response.next_page_token = QUERY.token(self._tokens, query, "page_token", rows[-1])
+            response.next_page_token = query.token_after(rows[-1])
         return response
 
     async def update_user(self, request: user_pb2.UpdateUserRequest, call: Call) -> user_pb2.User:
@@ -204,15 +193,16 @@ class UserServicer(Servicer):
         violations.text("user.etag", user.etag, max_length=64)
         violations.raise_if_any()
         expected = version_of(user.etag) if user.etag else None
+
+        async def work(uow: UnitOfWork) -> Any:
+            return await uow.users.update(user.id, values=values, expected_version=expected)
+
         try:
-            async with self._db.unit_of_work() as session:
-                row = await UserRepository(session).update(
-                    user.id, values, expected_version=expected
-                )
+            row = await self._write(call, work)
         except AlreadyExists as error:
             if "username" not in values or "email" not in values:
                 raise
-            raise await self._username_first(error, values) from error
+            raise await self._username_first(error, [values], exclude_id=user.id) from error
         return to_user_message(row)
 
     async def delete_user(self, request: user_pb2.DeleteUserRequest, call: Call) -> user_pb2.User:
@@ -221,33 +211,37 @@ class UserServicer(Servicer):
         violations.text("etag", request.etag, max_length=64)
         violations.raise_if_any()
         expected = version_of(request.etag) if request.etag else None
-        async with self._db.unit_of_work() as session:
-            row = await UserRepository(session).soft_delete(request.id, expected_version=expected)
-        return to_user_message(row)
+
+        async def work(uow: UnitOfWork) -> Any:
+            return await uow.users.soft_delete(request.id, expected_version=expected)
+
+        return to_user_message(await self._write(call, work))
 
     async def undelete_user(
         self, request: user_pb2.UndeleteUserRequest, call: Call
     ) -> user_pb2.User:
         check_id("id", request.id)
+
+        async def work(uow: UnitOfWork) -> Any:
+            return await uow.users.undelete(request.id)
+
         try:
-            async with self._db.unit_of_work() as session:
-                row = await UserRepository(session).undelete(request.id)
+            row = await self._write(call, work)
         except AlreadyExists as error:
             if error.reason != "EMAIL_TAKEN":
                 raise
-            # SQLite may report the email index first; the contract wants USERNAME_TAKEN.
-            async with self._db.unit_of_work("read") as session:
-                current = await UserRepository(session).get(request.id)
+            async with self._store.unit_of_work("write") as uow:  # the primary, as above
+                current = await uow.users.get(request.id)
             if current is None:
                 raise
             values = {"username": current.username, "email": current.email}
-            raise await self._username_first(error, values) from error
+            raise await self._username_first(error, [values]) from error
         return to_user_message(row)
 
     async def stream_users(self, request: user_pb2.StreamUsersRequest, call: Call) -> None:
         violations = Violations()
         full = self._view(violations, request.view)
-        query = await QUERY.parse(
+        query = await USER_QUERY.parse(
             violations,
             self._tokens,
             filter_text=request.filter,
@@ -258,8 +252,8 @@ class UserServicer(Servicer):
         )
         settings = self._settings
         with self._streams.slot():
-            async with self._db.unit_of_work("snapshot") as session:
-                users = UserRepository(session)
+            async with self._store.unit_of_work("snapshot") as uow:
+                users = uow.users
 
                 async def prepare(rows: Sequence[Any]) -> dict[int, int] | None:
                     return await users.post_counts([r.id for r in rows]) if full else None
@@ -270,17 +264,15 @@ class UserServicer(Servicer):
                 await send_batches(
                     call,
                     users.stream(
-                        where=query.where,
+                        query=query,
                         show_deleted=request.show_deleted,
-                        ordering=query.ordering,
-                        after=query.after,
                         batch_size=settings.stream_batch_rows,
                     ),
                     prepare=prepare,
                     new_message=user_pb2.StreamUsersResponse,
                     rows_field="users",
                     add=add,
-                    token_of=lambda row: QUERY.token(self._tokens, query, "resume_token", row),
+                    token_of=query.token_after,
                     max_rows=settings.stream_batch_rows,
                     max_bytes=settings.stream_batch_bytes,
                 )
@@ -292,22 +284,18 @@ def _add_users(container: Any, rows: Sequence[Any], counts: dict[int, int] | Non
         add_user(add, row, counts.get(row.id, 0) if counts else 0)
 
 
+def _id_of(user: user_pb2.User) -> int:
+    return user.id
+
+
 def _reject_duplicates_within(entries: list[dict[str, Any]]) -> None:
     names: set[str] = set()
     emails: set[str] = set()
     for index, entry in enumerate(entries):
         email = normalize_email(entry["email"])
         if entry["username"] in names:
-            raise _taken("USERNAME_TAKEN", index, within=True)
+            raise taken("USERNAME_TAKEN", index=index, within=True)
         if email in emails:
-            raise _taken("EMAIL_TAKEN", index, within=True)
+            raise taken("EMAIL_TAKEN", index=index, within=True)
         names.add(entry["username"])
         emails.add(email)
-
-
-def _taken(reason: str, index: int, *, within: bool = False) -> AlreadyExists:
-    what = "username" if reason == "USERNAME_TAKEN" else "email"
-    where = "an earlier entry of the batch" if within else "a live user"
-    return AlreadyExists(
-        reason, f"requests[{index}]: the {what} is taken by {where}", metadata={"index": str(index)}
-    )

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from google.protobuf.message import Message
 
-from service.errors import MAX_VIOLATIONS, FieldViolation, InvalidArgument
+from service.errors import FieldViolations, InvalidArgument
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
@@ -33,55 +30,10 @@ def ascii_lower(value: str) -> str:
     return value.translate(_ASCII_UPPER_TO_LOWER)
 
 
-class Violations:
-    """Collects field violations; `raise_if_any` ends the call with them.
+class Violations(FieldViolations):
+    """The request validators of the servicers, over the shared violation collector."""
 
-    Only the first MAX_VIOLATIONS are kept (the BadRequest shows no more), the rest are
-    only counted, so a request with 100,000 bad mask paths builds no huge list."""
-
-    __slots__ = ("count", "items")
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-        self.count = 0
-
-    def add(self, field: str, description: str) -> None:
-        self.count += 1
-        if len(self.items) < MAX_VIOLATIONS:
-            self.items.append(FieldViolation(field, description))
-
-    def extend(self, violations: Iterable[FieldViolation]) -> None:
-        for violation in violations:
-            self.add(violation.field, violation.description)
-
-    def raise_if_any(self) -> None:
-        if self.count:
-            raise InvalidArgument(self.items, total=self.count)
-
-    def text(
-        self,
-        field: str,
-        value: str,
-        *,
-        max_length: int,
-        min_length: int = 0,
-        required: bool = False,
-    ) -> bool:
-        """Length in code points and no NUL; True when the value passed."""
-        if "\x00" in value:
-            self.add(field, "must not contain NUL characters")
-            return False
-        if required and not value:
-            self.add(field, "is required")
-            return False
-        length = len(value)
-        if length > max_length:
-            self.add(field, f"must be at most {max_length} characters (got {length})")
-            return False
-        if value and length < min_length:
-            self.add(field, f"must be at least {min_length} characters (got {length})")
-            return False
-        return True
+    __slots__ = ()
 
     def username(self, field: str, value: str) -> str:
         if not self.text(field, value, max_length=32, required=True):
@@ -181,8 +133,3 @@ def masked_fields(
         else:
             violations.add("update_mask", f"unknown field '{path[:64]}'")
     return tuple(selected)
-
-
-def request_digest(values: dict[str, Any]) -> str:
-    """What an idempotent create is keyed on besides its request_id: the validated input."""
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()

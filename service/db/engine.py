@@ -1,10 +1,11 @@
-"""Engine and session factories for PostgreSQL (asyncpg) and SQLite (aiosqlite)."""
+"""Engines and session factories for PostgreSQL (asyncpg) and SQLite (aiosqlite), and
+which engine each kind of session goes to (writes to the primary, reads to a replica)."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
@@ -20,6 +21,8 @@ from service.config import Settings
 
 # Execution options our SQLite "begin" hook reads; see _install_sqlite_hooks.
 _SQLITE_BEGIN = "blog_sqlite_begin"
+
+Mode = Literal["write", "read", "snapshot"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +61,12 @@ def _create_postgres_engine(settings: Settings, url: str) -> AsyncEngine:
         server_settings["statement_timeout"] = str(int(settings.db_statement_timeout * 1000))
     connect_args: dict[str, Any] = {"server_settings": server_settings, "timeout": 5}
     if settings.db_pgbouncer:
-        # PgBouncer in transaction mode: no server-side prepared statement may outlive
-        # its transaction (SQLAlchemy's documented recipe), and no startup parameters.
+        # PgBouncer in transaction mode may run each transaction on another server
+        # connection: asyncpg's statement cache is off and every prepared statement gets
+        # a unique name, so one never clashes with a name prepared elsewhere (SQLAlchemy's
+        # documented recipe). Prepared statements still live on the server connection
+        # until PgBouncer's server_reset_query (DISCARD ALL) clears them. PgBouncer
+        # refuses startup parameters, so none are sent.
         connect_args.pop("server_settings")
         connect_args["statement_cache_size"] = 0
         connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid.uuid4()}__"
@@ -126,3 +133,35 @@ def create_session_factories(engine: AsyncEngine) -> SessionFactories:
         read=async_sessionmaker(read, expire_on_commit=False, autoflush=False),
         snapshot=async_sessionmaker(snapshot, expire_on_commit=False, autoflush=False),
     )
+
+
+class Database:
+    """The engines and the session factory of each mode: writes go to DATABASE_URL, reads
+    and snapshots to DATABASE_READ_URL when it is set (a replica), else to the primary."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: AsyncEngine = create_engine(settings)
+        self.read_engine: AsyncEngine = (
+            create_engine(settings, settings.database_read_url)
+            if settings.database_read_url
+            else self.engine
+        )
+        primary = create_session_factories(self.engine)
+        replica = (
+            primary
+            if self.read_engine is self.engine
+            else create_session_factories(self.read_engine)
+        )
+        self.sessions = SessionFactories(
+            write=primary.write, read=replica.read, snapshot=replica.snapshot
+        )
+
+    def session_factory(self, mode: Mode) -> async_sessionmaker[AsyncSession]:
+        factory: async_sessionmaker[AsyncSession] = getattr(self.sessions, mode)
+        return factory
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()

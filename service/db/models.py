@@ -119,7 +119,7 @@ class PostTag(Base):
 
 
 class IdempotencyRecord(Base):
-    """The first result of a create with a request_id (AIP-155), kept for the TTL."""
+    """The first response of a create with a request_id (AIP-155), kept for the TTL."""
 
     __tablename__ = "idempotency_records"
 
@@ -129,6 +129,9 @@ class IdempotencyRecord(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[int] = mapped_column(BigInteger)
     create_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # The first response, serialized, replayed byte for byte (revision 0003). NULL only
+    # in records the previous release wrote, which replay by `resource_id`.
+    response: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class TokenKey(Base):

@@ -26,9 +26,13 @@ from service.db.models import (
     users_table,
 )
 from service.db.types import TagList, utcnow
-from service.errors import Aborted, NotFound
-from service.repositories.dialect import driver_of, insert_ignore, one_of
-from service.repositories.keyset import Ordering, seek, stream_partitions
+from service.errors import EtagMismatch, NotFound, author_not_live
+from service.filtering import FieldKind, FilterField, substring_has
+from service.repositories.dialect import insert_ignore, is_postgres, one_of
+from service.repositories.driver import driver_of
+from service.repositories.keyset import seek
+from service.repositories.query import Query, QuerySpec
+from service.repositories.streaming import stream_partitions
 
 PostRow: TypeAlias = Row[*tuple[Any, ...]]
 
@@ -47,12 +51,6 @@ AUTHOR_COLUMNS = (
     _U.version.label("author_version"),
 )
 
-ORDERABLE: Mapping[str, Any] = {
-    "id": _P.id,
-    "create_time": _P.create_time,
-    "title": _P.title,
-}
-DEFAULT_ORDER = "create_time desc"
 # tags_of at driver level (PostgreSQL), the same query as its SQLAlchemy form.
 _TAGS_OF = (
     "SELECT pt.post_id, t.name FROM post_tags pt JOIN tags t ON t.id = pt.tag_id"
@@ -70,7 +68,23 @@ def has_tag(value: Any) -> ColumnElement[bool]:
     )
 
 
-def _tags_column(dialect: str) -> Any:
+# What ListPosts and StreamPosts may filter and order by (API.md), and the default order.
+POST_QUERY = QuerySpec(
+    "posts",
+    filterable={
+        "id": FilterField(FieldKind.INT, _P.id),
+        "author_id": FilterField(FieldKind.INT, _P.author_id),
+        "title": FilterField(FieldKind.STRING, _P.title, substring_has(_P.title)),
+        "create_time": FilterField(FieldKind.TIMESTAMP, _P.create_time),
+        "update_time": FilterField(FieldKind.TIMESTAMP, _P.update_time),
+        "tags": FilterField(FieldKind.STRING, None, has_tag),
+    },
+    orderable={"id": _P.id, "create_time": _P.create_time, "title": _P.title},
+    default_order="create_time desc",
+)
+
+
+def _tags_column(*, postgres: bool) -> Any:
     """Each post's tags in its own row (a correlated subquery), so a page or a single
     post is one statement: an autocommit read with no transaction to open. Streams
     load tags per batch instead (`tags_of`): per row this costs the database ~8 µs,
@@ -80,17 +94,19 @@ def _tags_column(dialect: str) -> Any:
     names = select(tags.name).join(post_tags_table, links.tag_id == tags.id)
     names = names.where(links.post_id == _P.id)
     column: Any
-    if dialect == "postgresql":
+    if postgres:
         column = func.array(names.order_by(tags.name).scalar_subquery())
     else:
         column = names.with_only_columns(func.group_concat(tags.name, ",")).scalar_subquery()
     return type_coerce(column, TagList()).label("tags")
 
 
-def _base(full: bool, *, tags_dialect: str | None = None) -> Any:
+def _base(full: bool, *, tags_on_postgres: bool | None = None) -> Any:
+    """The post columns (with the author's for FULL); with a tags column in the given
+    dialect's spelling unless `tags_on_postgres` is None."""
     columns = [*POST_COLUMNS, *AUTHOR_COLUMNS] if full else list(POST_COLUMNS)
-    if tags_dialect is not None:
-        columns.append(_tags_column(tags_dialect))
+    if tags_on_postgres is not None:
+        columns.append(_tags_column(postgres=tags_on_postgres))
     stmt = select(*columns)
     return stmt.join(users_table, _U.id == _P.author_id) if full else stmt
 
@@ -104,6 +120,9 @@ class PostRepository:
     async def create(
         self, *, author_id: int, title: str, body: str, tags: Sequence[str]
     ) -> PostRow:
+        """A post by a live author (else AUTHOR_NOT_LIVE), who stays live until commit."""
+        if not await self._lock_live_author(author_id):
+            raise author_not_live(author_id)
         now = utcnow()
         stmt = insert(posts_table).returning(*POST_COLUMNS)
         row = (
@@ -119,14 +138,23 @@ class PostRepository:
                 },
             )
         ).one()
-        await self._link_tags(row.id, tags)
+        await self._link_tags(row.id, names=tags)
         return row
+
+    async def _lock_live_author(self, author_id: int) -> bool:
+        """Share-lock a live user for the transaction, so a concurrent DeleteUser cannot
+        slip in between this check and the insert (SQLite: BEGIN IMMEDIATE serialises
+        the writers already)."""
+        stmt = select(_U.id).where(_U.id == author_id, _U.delete_time.is_(None))
+        if is_postgres(self._session):
+            stmt = stmt.with_for_update(read=True)
+        return (await self._session.execute(stmt)).first() is not None
 
     async def update(
         self,
         post_id: int,
-        values: Mapping[str, Any],
         *,
+        values: Mapping[str, Any],
         tags: Sequence[str] | None,
         expected_version: int | None,
     ) -> PostRow:
@@ -147,7 +175,7 @@ class PostRepository:
             await self._session.execute(
                 delete(post_tags_table).where(post_tags_table.c.post_id == post_id)
             )
-            await self._link_tags(post_id, tags)
+            await self._link_tags(post_id, names=tags)
         return row
 
     async def delete(self, post_id: int, *, expected_version: int | None) -> None:
@@ -162,12 +190,9 @@ class PostRepository:
         current = (await self._session.execute(select(_P.version).where(_P.id == post_id))).first()
         if current is None:
             raise NotFound("Post", post_id)
-        raise Aborted(
-            "ETAG_MISMATCH",
-            "the etag does not match the post's current etag; read it again",
-        )
+        raise EtagMismatch("post")
 
-    async def _link_tags(self, post_id: int, names: Sequence[str]) -> None:
+    async def _link_tags(self, post_id: int, *, names: Sequence[str]) -> None:
         if not names:
             return
         ids = await self._ensure_tags(names)
@@ -187,49 +212,35 @@ class PostRepository:
 
     # -- reads ------------------------------------------------------------------------
 
-    @property
-    def _dialect(self) -> str:
-        return str(self._session.get_bind().dialect.name)
-
     @staticmethod
     def _select(
-        full: bool, where: ColumnElement[bool] | None, *, tags_dialect: str | None = None
+        *, full: bool, where: ColumnElement[bool] | None, tags_on_postgres: bool | None = None
     ) -> Any:
-        stmt = _base(full, tags_dialect=tags_dialect)
+        stmt = _base(full, tags_on_postgres=tags_on_postgres)
         return stmt if where is None else stmt.where(where)
 
     async def get(self, post_id: int, *, full: bool) -> PostRow:
         """The post with its tags (`row.tags`), in one statement."""
-        stmt = _base(full, tags_dialect=self._dialect).where(_P.id == post_id)
+        stmt = _base(full, tags_on_postgres=is_postgres(self._session)).where(_P.id == post_id)
         row = (await self._session.execute(stmt)).first()
         if row is None:
             raise NotFound("Post", post_id)
         return row
 
-    async def list_page(
-        self,
-        *,
-        full: bool,
-        where: ColumnElement[bool] | None,
-        ordering: Ordering,
-        after: Sequence[Any] | None,
-        limit: int,
-    ) -> list[PostRow]:
+    async def list_page(self, *, query: Query, full: bool, limit: int) -> list[PostRow]:
         """One page of posts with their tags (`row.tags`), in one statement."""
-        stmt = seek(self._select(full, where, tags_dialect=self._dialect), ordering, after)
-        return list((await self._session.execute(stmt.limit(limit))).all())
+        stmt = self._select(
+            full=full, where=query.where, tags_on_postgres=is_postgres(self._session)
+        )
+        stmt = seek(stmt, query.ordering, query.after).limit(limit)
+        return list((await self._session.execute(stmt)).all())
 
     def stream(
-        self,
-        *,
-        full: bool,
-        where: ColumnElement[bool] | None,
-        ordering: Ordering,
-        after: Sequence[Any] | None,
-        batch_size: int,
+        self, *, query: Query, full: bool, batch_size: int
     ) -> AsyncGenerator[Sequence[PostRow]]:
-        """Batches of rows from a server-side cursor; close it with contextlib.aclosing."""
-        stmt = seek(self._select(full, where), ordering, after)
+        """Batches of rows from a server-side cursor, without tags (`tags_of` loads them
+        per batch); close it with contextlib.aclosing."""
+        stmt = seek(self._select(full=full, where=query.where), query.ordering, query.after)
         return stream_partitions(self._session, stmt, batch_size=batch_size)
 
     async def tags_of(self, post_ids: Sequence[int]) -> dict[int, list[str]]:

@@ -24,9 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import posts_table, users_table
 from service.db.types import utcnow
-from service.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
-from service.repositories.dialect import RecordRow, driver_of, is_postgres, one_of
-from service.repositories.keyset import Ordering, seek, stream_partitions
+from service.errors import AlreadyExists, EtagMismatch, FailedPrecondition, NotFound
+from service.filtering import FieldKind, FilterField, substring_has
+from service.repositories.dialect import is_postgres, one_of
+from service.repositories.driver import RecordRow, driver_of
+from service.repositories.keyset import seek
+from service.repositories.query import Query, QuerySpec
+from service.repositories.streaming import stream_partitions
 
 _U = users_table.c
 USER_COLUMNS = (
@@ -41,12 +45,22 @@ USER_COLUMNS = (
     _U.version,
 )
 
-ORDERABLE: Mapping[str, Any] = {
-    "id": _U.id,
-    "username": _U.username,
-    "create_time": _U.create_time,
-}
-DEFAULT_ORDER = "id"
+# What ListUsers and StreamUsers may filter and order by (API.md), and the default order.
+USER_QUERY = QuerySpec(
+    "users",
+    filterable={
+        "id": FilterField(FieldKind.INT, _U.id),
+        "username": FilterField(FieldKind.STRING, _U.username),
+        "email": FilterField(FieldKind.STRING, _U.email),
+        "display_name": FilterField(
+            FieldKind.STRING, _U.display_name, substring_has(_U.display_name)
+        ),
+        "create_time": FilterField(FieldKind.TIMESTAMP, _U.create_time),
+        "update_time": FilterField(FieldKind.TIMESTAMP, _U.update_time),
+    },
+    orderable={"id": _U.id, "username": _U.username, "create_time": _U.create_time},
+    default_order="id",
+)
 
 UserRow: TypeAlias = "Row[*tuple[Any, ...]] | RecordRow | NewUser"
 # GetUser's statement at driver level (PostgreSQL); the same columns as USER_COLUMNS.
@@ -85,7 +99,7 @@ class UserRepository:
         """Insert all rows in one statement; rows come back in the entries' order."""
         now = utcnow()
         if len(entries) > 1 and is_postgres(self._session):
-            return await self._create_many_unnest(entries, now)
+            return await self._create_many_unnest(entries, now=now)
         params = [
             {
                 "username": e["username"],
@@ -104,7 +118,7 @@ class UserRepository:
         return list(result.all())
 
     async def _create_many_unnest(
-        self, entries: Sequence[Mapping[str, Any]], now: datetime
+        self, entries: Sequence[Mapping[str, Any]], *, now: datetime
     ) -> list[UserRow]:
         """PostgreSQL: INSERT ... SELECT FROM unnest(arrays) RETURNING: five array
         parameters instead of eight per row, one round trip for the whole batch."""
@@ -117,13 +131,32 @@ class UserRepository:
             ),
             bindparam("names", [e.get("display_name", "") for e in entries], type_=text_array),
             bindparam("bios", [e.get("bio", "") for e in entries], type_=text_array),
-        ).table_valued("username", "email", "email_normalized", "display_name", "bio")
+        ).table_valued(
+            "username", "email", "email_normalized", "display_name", "bio", with_ordinality="ord"
+        )
         source = source.render_derived(name="source")
+        # Ids are drawn in the request's order (a volatile nextval keeps the subquery
+        # apart, evaluated as unnest yields), but rows go in in username order: two
+        # batches sharing usernames then take their index entries in one order and queue
+        # instead of deadlocking. Emails can still cross; Store.run retries that deadlock.
+        numbered = (
+            select(
+                func.nextval(func.pg_get_serial_sequence("users", "id")).label("id"),
+                source.c.username,
+                source.c.email,
+                source.c.email_normalized,
+                source.c.display_name,
+                source.c.bio,
+            )
+            .order_by(source.c.ord)
+            .subquery("numbered")
+        )
         stamp = bindparam("now", now, type_=_U.create_time.type)
         stmt = (
             insert(users_table)
             .from_select(
                 [
+                    "id",
                     "username",
                     "email",
                     "email_normalized",
@@ -134,15 +167,16 @@ class UserRepository:
                     "version",
                 ],
                 select(
-                    source.c.username,
-                    source.c.email,
-                    source.c.email_normalized,
-                    source.c.display_name,
-                    source.c.bio,
+                    numbered.c.id,
+                    numbered.c.username,
+                    numbered.c.email,
+                    numbered.c.email_normalized,
+                    numbered.c.display_name,
+                    numbered.c.bio,
                     stamp,
                     stamp,
                     literal(1, BigInteger),
-                ),
+                ).order_by(numbered.c.username),
             )
             .returning(_U.username, _U.id)
         )
@@ -164,18 +198,39 @@ class UserRepository:
             for e in entries
         ]
 
-    async def find_live_clashes(
-        self, usernames: Sequence[str], emails: Sequence[str]
+    async def first_clash(
+        self, entries: Sequence[Mapping[str, Any]], *, exclude_id: int | None = None
+    ) -> tuple[int, str] | None:
+        """The first entry whose username or email a live user holds, and the reason:
+        USERNAME_TAKEN before EMAIL_TAKEN when an entry clashes on both (API.md). The one
+        place that rule lives; asked after the unique indexes refused a write, since the
+        database names whichever index it checked first. `exclude_id`: the user being
+        updated, whose own username is no clash."""
+        names, emails = await self._live_clashes(
+            usernames=[e["username"] for e in entries],
+            emails=[e["email"] for e in entries],
+            exclude_id=exclude_id,
+        )
+        for index, entry in enumerate(entries):
+            if entry["username"] in names:
+                return index, "USERNAME_TAKEN"
+            if normalize_email(entry["email"]) in emails:
+                return index, "EMAIL_TAKEN"
+        return None
+
+    async def _live_clashes(
+        self, *, usernames: Sequence[str], emails: Sequence[str], exclude_id: int | None
     ) -> tuple[set[str], set[str]]:
         """Which of these usernames and (normalised) emails live users already hold."""
         normalized = [normalize_email(e) for e in emails]
-        rows = await self._session.execute(
-            select(_U.username, _U.email_normalized).where(
-                _U.delete_time.is_(None),
-                one_of(self._session, _U.username, usernames, String)
-                | one_of(self._session, _U.email_normalized, normalized, String),
-            )
+        stmt = select(_U.username, _U.email_normalized).where(
+            _U.delete_time.is_(None),
+            one_of(self._session, _U.username, usernames, String)
+            | one_of(self._session, _U.email_normalized, normalized, String),
         )
+        if exclude_id is not None:
+            stmt = stmt.where(_U.id != exclude_id)
+        rows = await self._session.execute(stmt)
         taken_names: set[str] = set()
         taken_emails: set[str] = set()
         names, mails = set(usernames), set(normalized)
@@ -200,13 +255,6 @@ class UserRepository:
             raise NotFound("User", user_id)
         return row
 
-    async def lock_live(self, user_id: int) -> bool:
-        """Share-lock a live user for the transaction, so it cannot be deleted meanwhile."""
-        stmt = select(_U.id).where(_U.id == user_id, _U.delete_time.is_(None))
-        if self._session.get_bind().dialect.name == "postgresql":
-            stmt = stmt.with_for_update(read=True)
-        return (await self._session.execute(stmt)).first() is not None
-
     @staticmethod
     def _select(*, where: ColumnElement[bool] | None, show_deleted: bool) -> Any:
         stmt = select(*USER_COLUMNS)
@@ -214,30 +262,18 @@ class UserRepository:
             stmt = stmt.where(_U.delete_time.is_(None))
         return stmt if where is None else stmt.where(where)
 
-    async def list_page(
-        self,
-        *,
-        where: ColumnElement[bool] | None,
-        show_deleted: bool,
-        ordering: Ordering,
-        after: Sequence[Any] | None,
-        limit: int,
-    ) -> list[UserRow]:
-        stmt = seek(self._select(where=where, show_deleted=show_deleted), ordering, after)
-        result = await self._session.execute(stmt.limit(limit))
+    async def list_page(self, *, query: Query, show_deleted: bool, limit: int) -> list[UserRow]:
+        stmt = self._select(where=query.where, show_deleted=show_deleted)
+        result = await self._session.execute(seek(stmt, query.ordering, query.after).limit(limit))
         return list(result.all())
 
     def stream(
-        self,
-        *,
-        where: ColumnElement[bool] | None,
-        show_deleted: bool,
-        ordering: Ordering,
-        after: Sequence[Any] | None,
-        batch_size: int,
+        self, *, query: Query, show_deleted: bool, batch_size: int
     ) -> AsyncGenerator[Sequence[UserRow]]:
         """Batches of rows from a server-side cursor; close it with contextlib.aclosing."""
-        stmt = seek(self._select(where=where, show_deleted=show_deleted), ordering, after)
+        stmt = seek(
+            self._select(where=query.where, show_deleted=show_deleted), query.ordering, query.after
+        )
         return stream_partitions(self._session, stmt, batch_size=batch_size)
 
     async def purge_deleted(self, deleted_before: datetime) -> int:
@@ -260,17 +296,14 @@ class UserRepository:
         return {key: value for key, value in rows}
 
     async def update(
-        self, user_id: int, values: Mapping[str, Any], *, expected_version: int | None
+        self, user_id: int, *, values: Mapping[str, Any], expected_version: int | None
     ) -> UserRow:
         """Update a live user, guarded by its version when one is expected."""
         changes = dict(values)
         if "email" in changes:
             changes["email_normalized"] = normalize_email(changes["email"])
         return await self._guarded_update(
-            user_id,
-            changes,
-            expected_version=expected_version,
-            live=True,
+            user_id, changes=changes, expected_version=expected_version, live=True
         )
 
     async def soft_delete(self, user_id: int, *, expected_version: int | None) -> UserRow:
@@ -281,19 +314,19 @@ class UserRepository:
             select(_U.id).where(_U.id == user_id).with_for_update(key_share=True)
         )
         return await self._guarded_update(
-            user_id, {"delete_time": utcnow()}, expected_version=expected_version, live=True
+            user_id, changes={"delete_time": utcnow()}, expected_version=expected_version, live=True
         )
 
     async def undelete(self, user_id: int) -> UserRow:
         return await self._guarded_update(
-            user_id, {"delete_time": None}, expected_version=None, live=False
+            user_id, changes={"delete_time": None}, expected_version=None, live=False
         )
 
     async def _guarded_update(
         self,
         user_id: int,
-        changes: Mapping[str, Any],
         *,
+        changes: Mapping[str, Any],
         expected_version: int | None,
         live: bool,
     ) -> UserRow:
@@ -310,8 +343,15 @@ class UserRepository:
         row = (await self._session.execute(stmt)).first()
         if row is not None:
             return row
-        # Nothing matched: find out why, in the same transaction.
-        current = await self.get(user_id)
+        # Nothing matched: find out why, in the same transaction. Lock the row while
+        # looking (PostgreSQL; SQLite's write lock is held already): under READ COMMITTED
+        # a write that committed after the UPDATE's snapshot (an undelete racing an
+        # update) may have made it match since, and only a locked row stays as read.
+        current = (
+            await self._session.execute(
+                select(*USER_COLUMNS).where(_U.id == user_id).with_for_update(key_share=True)
+            )
+        ).first()
         if current is None:
             raise NotFound("User", user_id)
         if live and current.delete_time is not None:
@@ -322,21 +362,11 @@ class UserRepository:
             )
         if not live and current.delete_time is None:
             raise AlreadyExists("USER_NOT_DELETED", "the user is not deleted")
-        raise Aborted(
-            "ETAG_MISMATCH",
-            "the etag does not match the user's current etag; read it again",
-            metadata={"current_etag": etag_of(current.version)},
-        )
-
-
-def etag_of(version: int) -> str:
-    """The etag of a row at a version. Opaque to callers; changes on every write."""
-    return f"v{version}"
-
-
-def version_of(etag: str) -> int:
-    """The version an etag names; -1 (matches nothing) when it is not one of ours."""
-    digits = etag[1:]
-    if etag.startswith("v") and digits.isascii() and digits.isdigit() and len(digits) < 19:
-        return int(digits)
-    return -1
+        if expected_version is not None and current.version != expected_version:
+            raise EtagMismatch("user", current_version=current.version)
+        # The row moved into a state the UPDATE accepts after it looked (a caller that
+        # sent no etag must not hear ETAG_MISMATCH): locked now, so this one applies.
+        row = (await self._session.execute(stmt)).first()
+        if row is None:  # not reachable while the lock holds; never claim a false cause
+            raise EtagMismatch("user", current_version=current.version)
+        return row

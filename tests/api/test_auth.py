@@ -3,6 +3,7 @@ scope idempotency keys."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -80,3 +81,35 @@ async def test_request_ids_are_scoped_by_caller(secured: Running) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await secured.users.CreateUser(request, metadata=BOB)
     assert rich(caught.value).reason == "USERNAME_TAKEN"
+
+
+async def test_a_changed_tokens_file_is_reloaded_without_a_restart(
+    backend: Backend, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-token alice\n")
+    settings = settings_for(backend.url, auth_tokens_file=tokens, file_reload_interval=0.1)
+    async with running_server(settings) as live:
+        request = user_pb2.GetUserRequest(id=1)
+        new = (("authorization", "Bearer carol-token"),)
+
+        async def refused(metadata: tuple[tuple[str, str], ...]) -> bool:
+            try:
+                await live.users.GetUser(request, metadata=metadata)
+            except grpc.aio.AioRpcError as error:
+                return error.code() is grpc.StatusCode.UNAUTHENTICATED
+            return False
+
+        await live.users.CreateUser(create_user_request(), metadata=ALICE)
+        # A file that cannot be used (a caller name too long) is logged; the old tokens stay.
+        tokens.write_text(f"carol-token {'c' * 201}\n")
+        await asyncio.sleep(0.5)
+        assert not await refused(ALICE)
+        assert await refused(new)
+        tokens.write_text("carol-token carol\n")
+        for _ in range(100):
+            if not await refused(new):
+                break
+            await asyncio.sleep(0.1)
+        assert not await refused(new)
+        assert await refused(ALICE)

@@ -349,3 +349,22 @@ async def test_deadline_mid_stream_releases_the_connection(backend) -> None:
         await eventually_released(live, backend, seconds=2.0)
         # The server is still healthy afterwards.
         assert await live.users.GetUser(user_pb2.GetUserRequest(id=author_id))
+
+
+async def test_a_cancelled_stream_is_logged_as_cancelled(backend, caplog) -> None:
+    """The wrapper logs a call the client gave up on (CancelledError is no Exception, so
+    only an explicit branch sees it), then lets the cancellation end the handler."""
+    async with server(backend, SLOW_CHANNEL, stream_batch_rows=10) as live:
+        author_id, _ = await author_with_posts(live, 500, body="e" * 1000)
+        with caplog.at_level("INFO", logger="service.rpc"):
+            call = live.posts.StreamPosts(
+                post_pb2.StreamPostsRequest(filter=f"author_id = {author_id}")
+            )
+            assert (await call.read()).posts
+            call.cancel()
+            await eventually_released(live, backend)
+            deadline = time.monotonic() + 2.0
+            while not any("StreamPosts CANCELLED" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the cancelled stream never reached the log"
+                await asyncio.sleep(0.05)
+        assert not any("INTERNAL" in r.getMessage() for r in caplog.records)

@@ -8,6 +8,7 @@ except values that differ on every run (times, resume tokens).
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,25 @@ def _grpcurl(command: str, port: int) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _token_payload(token: str) -> dict[str, Any]:
+    """What a page or resume token carries between its key id and its signature: kind,
+    binding, position."""
+    body = token.split(".")[1]
+    payload: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    return payload
+
+
+def _same_token(shown: str, actual: str, path: str) -> None:
+    """Made by the same code for the same request: everything but the position's time."""
+    mine, theirs = _token_payload(shown), _token_payload(actual)
+    assert sorted(mine) == sorted(theirs), f"{path}: token fields differ"
+    for key in mine:
+        if key != "p":
+            assert mine[key] == theirs[key], f"{path}: token {key!r} differs"
+    assert len(mine["p"]) == len(theirs["p"]), f"{path}: token position differs"
+    assert mine["p"][1:] == theirs["p"][1:], f"{path}: token position differs"
+
+
 def _same(shown: Any, actual: Any, path: str = "") -> None:
     if isinstance(shown, dict):
         assert isinstance(actual, dict), path
@@ -82,6 +103,8 @@ def _same(shown: Any, actual: Any, path: str = "") -> None:
                 assert isinstance(actual[key], str), f"{path}.{key}"
                 if key.endswith("_time"):
                     assert RFC3339.fullmatch(actual[key]), f"{path}.{key}"
+                if key.endswith("_token"):
+                    _same_token(value, actual[key], f"{path}.{key}")
             else:
                 _same(value, actual[key], f"{path}.{key}")
     elif isinstance(shown, list):
@@ -91,6 +114,20 @@ def _same(shown: Any, actual: Any, path: str = "") -> None:
             _same(a, b, f"{path}[{index}]")
     else:
         assert shown == actual, f"{path}: README shows {shown!r}, the service answers {actual!r}"
+
+
+def test_readme_resume_token_is_the_position_of_the_post_shown() -> None:
+    """The example token was made from the post it follows: same time, same id."""
+    (shown,) = [
+        json.loads(answer)
+        for command, kind, answer in readme_examples()
+        if "StreamPosts" in command and kind == "json"
+    ]
+    last = shown["posts"][-1]
+    ts, post_id = _token_payload(shown["resume_token"])["p"]
+    when = datetime.fromisoformat(ts["ts"])
+    assert when == datetime.fromisoformat(last["create_time"].replace("Z", "+00:00"))
+    assert str(post_id) == last["id"]
 
 
 def test_readme_has_the_examples_the_issue_asks_for() -> None:

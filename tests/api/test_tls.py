@@ -3,7 +3,10 @@ for the test by the openssl command line."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +43,10 @@ def _issue(directory: Path, name: str, subject: str, extensions: str) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
+    return _make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _make_pki(directory: Path) -> Pki:
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
              "-out", "ca.crt", "-days", "2", "-subj", "/CN=test CA", cwd=directory)  # fmt: skip
     _issue(directory, "server", "/CN=localhost",
@@ -55,13 +61,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
-def _channel(port: int, pki: Pki, *, client_cert: bool) -> grpc.aio.Channel:
+def _channel(port: int, pki: Pki, *, client_cert: bool, fresh: bool = False) -> grpc.aio.Channel:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=pki.ca.read_bytes(),
         private_key=pki.client_key.read_bytes() if client_cert else None,
         certificate_chain=pki.client_cert.read_bytes() if client_cert else None,
     )
-    return grpc.aio.secure_channel(f"localhost:{port}", credentials)
+    # fresh: a connection of its own, never one an earlier channel left open.
+    options = [("grpc.use_local_subchannel_pool", 1)] if fresh else []
+    return grpc.aio.secure_channel(f"localhost:{port}", credentials, options=options)
 
 
 async def _serving(channel: grpc.aio.Channel) -> bool:
@@ -100,3 +108,65 @@ async def test_mtls_requires_a_client_certificate(backend: Backend, pki: Pki) ->
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await _serving(channel)
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def _rotatable(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pki]:
+    """Copies of the server's certificate and key to serve from, and a second PKI (another
+    CA) to rotate to."""
+    served = tmp_path_factory.mktemp("served")
+    cert, key = served / "server.crt", served / "server.key"
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    return cert, key, _make_pki(tmp_path_factory.mktemp("rotated"))
+
+
+async def test_a_rotated_certificate_reaches_new_connections_without_a_restart(
+    backend: Backend, pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Replace the certificate files with ones from another CA: once the change is seen
+    (polled here every 0.2 s), a new channel trusting only the new CA gets through and one
+    trusting only the old CA does not."""
+    cert, key, new = _rotatable(pki, tmp_path_factory)
+    settings = settings_for(
+        backend.url, tls_cert_file=cert, tls_key_file=key, file_reload_interval=0.2
+    )
+    async with running_server(settings) as live:
+        port = live.server.port
+        async with _channel(port, pki, client_cert=False) as channel:
+            assert await _serving(channel)
+        # Write the key first: until the certificate follows they do not match, and the
+        # reload keeps the old pair rather than serving a broken one.
+        shutil.copy(new.server_key, key)
+        await asyncio.sleep(0.5)
+        async with _channel(port, pki, client_cert=False, fresh=True) as channel:
+            assert await _serving(channel)
+        shutil.copy(new.server_cert, cert)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                async with _channel(port, new, client_cert=False, fresh=True) as channel:
+                    assert await _serving(channel)
+                break
+            except grpc.aio.AioRpcError:
+                assert time.monotonic() < deadline, "the new certificate was never served"
+                await asyncio.sleep(0.2)
+        async with _channel(port, pki, client_cert=False, fresh=True) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _serving(channel)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_reload_files_rereads_the_certificate_at_once(
+    backend: Backend, pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """What SIGHUP does: no waiting for the poll (an hour here)."""
+    cert, key, new = _rotatable(pki, tmp_path_factory)
+    settings = settings_for(
+        backend.url, tls_cert_file=cert, tls_key_file=key, file_reload_interval=3600
+    )
+    async with running_server(settings) as live:
+        shutil.copy(new.server_key, key)
+        shutil.copy(new.server_cert, cert)
+        live.server.reload_files()
+        async with _channel(live.server.port, new, client_cert=False, fresh=True) as channel:
+            assert await _serving(channel)

@@ -97,3 +97,52 @@ async def test_racing_deletes(users) -> None:
         assert len(won) == 1
         for error in lost:
             check_error(error, Code.NOT_FOUND)
+
+
+RACE_ROUNDS = 60
+
+
+async def test_update_racing_undelete_never_claims_an_etag_mismatch(users) -> None:
+    """No etag sent, so no ETAG_MISMATCH: an update that ran while the user was deleted
+    is USER_DELETED, one that ran after the undelete applies (issue 8, item 14)."""
+    seen: set[str] = set()
+    for _ in range(RACE_ROUNDS):
+        user = await users.CreateUser(create_user_request())
+        await users.DeleteUser(user_pb2.DeleteUserRequest(id=user.id))
+        update = user_pb2.UpdateUserRequest(
+            user=user_pb2.User(id=user.id, bio="updated"), update_mask=FieldMask(paths=["bio"])
+        )
+        results = await asyncio.gather(
+            *(users.UpdateUser(update) for _ in range(3)),
+            users.UndeleteUser(user_pb2.UndeleteUserRequest(id=user.id)),
+            *(users.UpdateUser(update) for _ in range(3)),
+            return_exceptions=True,
+        )
+        undeleted = results[3]
+        assert isinstance(undeleted, user_pb2.User), undeleted
+        for result in results[:3] + results[4:]:
+            if isinstance(result, user_pb2.User):
+                assert result.bio == "updated"
+                assert not result.HasField("delete_time")
+                seen.add("OK")
+            else:
+                assert isinstance(result, grpc.aio.AioRpcError), result
+                check_error(result, Code.FAILED_PRECONDITION, "USER_DELETED")
+                seen.add("USER_DELETED")
+    assert seen  # both outcomes are fine; which ones occur depends on timing
+
+
+async def test_undelete_racing_delete_never_claims_an_etag_mismatch(users) -> None:
+    for _ in range(RACE_ROUNDS):
+        user = await users.CreateUser(create_user_request())
+        results = await asyncio.gather(
+            users.UndeleteUser(user_pb2.UndeleteUserRequest(id=user.id)),
+            users.DeleteUser(user_pb2.DeleteUserRequest(id=user.id)),
+            users.UndeleteUser(user_pb2.UndeleteUserRequest(id=user.id)),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], user_pb2.User), results[1]
+        for result in (results[0], results[2]):
+            if not isinstance(result, user_pb2.User):
+                assert isinstance(result, grpc.aio.AioRpcError), result
+                check_error(result, Code.ALREADY_EXISTS, "USER_NOT_DELETED")

@@ -249,14 +249,17 @@ async def test_tokens_work_across_servers_and_key_rotation(backend, users) -> No
     replica = await next_from(settings_for(backend.url), token)
     assert ids(list(replica.users)) == [made[1].id]
     # PAGE_TOKEN_SECRET: a rotated-in key still accepts tokens of the old one.
-    async with running_server(settings_for(backend.url, page_token_secret="old-key")) as old:
+    old_key, new_key = "old-key-" + "o" * 32, "new-key-" + "n" * 32
+    async with running_server(settings_for(backend.url, page_token_secret=old_key)) as old:
         old_token = (await page(old.users, **query)).next_page_token
-    rotated = await next_from(settings_for(backend.url, page_token_secret="new,old-key"), old_token)
+    rotated = await next_from(
+        settings_for(backend.url, page_token_secret=f"{new_key},{old_key}"), old_token
+    )
     assert ids(list(rotated.users)) == [made[1].id]
     # A token signed with a key the server does not hold is forged.
     request = user_pb2.ListUsersRequest(page_token=old_token, **query)
     await expect_error(users.ListUsers(request), Code.INVALID_ARGUMENT, fields=["page_token"])
-    async with running_server(settings_for(backend.url, page_token_secret="other")) as strict:
+    async with running_server(settings_for(backend.url, page_token_secret="x" * 32)) as strict:
         await expect_error(
             strict.users.ListUsers(request), Code.INVALID_ARGUMENT, fields=["page_token"]
         )

@@ -3,11 +3,15 @@ and the schema status that `serve` checks."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -18,9 +22,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from alembic import command
 from service.config import Settings
 from service.db.engine import create_engine
-from service.db.migrations import SchemaState, alembic_config, schema_status, upgrade
+from service.db.migrations import (
+    MigrationLockError,
+    SchemaState,
+    alembic_config,
+    schema_status,
+    upgrade,
+)
 from service.db.models import Base
-from support.postgres import PostgresServer
+from support.postgres import PostgresServer, raw_dsn
+
+MIGRATION_LOCK_ID = 0x626C6F67  # alembic/env.py
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -138,3 +150,85 @@ async def test_schema_status_behind_current_ahead(engine: AsyncEngine) -> None:
     ahead = await schema_status(engine)
     assert ahead.state is SchemaState.AHEAD
     assert ahead.database == ("ffffffffffff",)
+
+
+async def test_upgrade_on_a_newer_schema_changes_nothing(engine: AsyncEngine) -> None:
+    await upgrade(engine)
+    async with engine.begin() as connection:
+        await connection.execute(text("UPDATE alembic_version SET version_num = 'ffffffffffff'"))
+    assert await upgrade(engine) is SchemaState.AHEAD
+    assert (await schema_status(engine)).database == ("ffffffffffff",)
+
+
+# -- PostgreSQL: a migration never queues every call behind a table lock ----------------
+
+
+@pytest.fixture
+async def pg_engine(postgres: PostgresServer) -> AsyncIterator[AsyncEngine]:
+    url = postgres.create_database()
+    engine = create_engine(Settings(database_url=url))
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+        postgres.drop_database(url)
+
+
+@contextlib.asynccontextmanager
+async def _holding_users(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """Another session holding a lock on `users` that the next migration step needs (a
+    writer's ROW EXCLUSIVE conflicts with the foreign key the posts table adds)."""
+    holder = await asyncpg.connect(raw_dsn(engine.url.render_as_string(hide_password=False)))
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("LOCK TABLE users IN ROW EXCLUSIVE MODE")
+        yield holder
+        await transaction.rollback()
+    finally:
+        await holder.close()
+
+
+async def test_a_migration_blocked_by_a_lock_gives_up_and_changes_nothing(
+    pg_engine: AsyncEngine,
+) -> None:
+    revisions = _revisions(pg_engine)
+    await _alembic(pg_engine, "upgrade", revisions[0])
+    async with _holding_users(pg_engine):
+        started = time.monotonic()
+        with pytest.raises(MigrationLockError, match="MIGRATION_LOCK_TIMEOUT"):
+            await upgrade(pg_engine, lock_timeout=0.2, attempts=2)
+        # Two waits of 0.2 s and one pause of 0.2 s, not a wait for the lock's holder.
+        assert time.monotonic() - started < 5
+    assert (await schema_status(pg_engine)).database == (revisions[0],)
+
+
+async def test_a_migration_retries_until_the_lock_is_free(pg_engine: AsyncEngine) -> None:
+    revisions = _revisions(pg_engine)
+    await _alembic(pg_engine, "upgrade", revisions[0])
+    async with _holding_users(pg_engine):
+        migrating = asyncio.create_task(upgrade(pg_engine, lock_timeout=0.2, attempts=5))
+        await asyncio.sleep(0.5)  # at least one attempt timed out meanwhile
+        assert not migrating.done()
+    assert await asyncio.wait_for(migrating, 30) is SchemaState.CURRENT
+    assert (await schema_status(pg_engine)).state is SchemaState.CURRENT
+
+
+async def test_migrations_run_without_the_serving_statement_timeout(
+    postgres: PostgresServer,
+) -> None:
+    """The advisory lock is waited for longer than DB_STATEMENT_TIMEOUT (0.5 s here)."""
+    url = postgres.create_database()
+    engine = create_engine(Settings(database_url=url, db_statement_timeout=0.5))
+    holder = await asyncpg.connect(raw_dsn(url))
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        migrating = asyncio.create_task(upgrade(engine))
+        await asyncio.sleep(1.5)
+        assert not migrating.done()
+        await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+        assert await asyncio.wait_for(migrating, 30) is SchemaState.CURRENT
+    finally:
+        await holder.close()
+        await engine.dispose()
+        postgres.drop_database(url)

@@ -10,17 +10,18 @@ from sqlalchemy import insert, select, update
 from blog.v1 import post_pb2, user_pb2
 from conftest import Backend, Running, settings_for
 from factories import create_user_request, post, unique
+from service.db.engine import Database
 from service.db.models import IdempotencyRecord, Post, User
 from service.db.types import utcnow
-from service.db.uow import Database
 from service.maintenance import Purger
+from service.repositories.uow import Store
 
 
 async def test_idempotency_records_are_purged_after_their_ttl(backend: Backend) -> None:
     db = Database(settings_for(backend.url))
     caller = unique("caller")
     try:
-        async with db.unit_of_work() as session:
+        async with db.sessions.write() as session, session.begin():
             for request_id, age in (("old", timedelta(hours=25)), ("new", timedelta(hours=1))):
                 await session.execute(
                     insert(IdempotencyRecord).values(
@@ -32,8 +33,8 @@ async def test_idempotency_records_are_purged_after_their_ttl(backend: Backend) 
                         create_time=utcnow() - age,
                     )
                 )
-        await Purger(settings_for(backend.url), db).purge_once()
-        async with db.unit_of_work("read") as session:
+        await Purger(settings_for(backend.url), Store(db)).purge_once()
+        async with db.sessions.read() as session:
             left = (
                 await session.execute(
                     select(IdempotencyRecord.request_id).where(IdempotencyRecord.caller == caller)
@@ -56,15 +57,16 @@ async def test_long_deleted_users_are_purged_with_their_posts(
     settings = settings_for(backend.url, user_retention_days=30)
     db = Database(settings)
     try:
-        async with db.unit_of_work() as session:  # age the first deletion past retention
+        # Age the first deletion past retention.
+        async with db.sessions.write() as session, session.begin():
             await session.execute(
                 update(User)
                 .where(User.id == old.id)
                 .values(delete_time=utcnow() - timedelta(days=31))
             )
-        _, purged = await Purger(settings, db).purge_once()
+        _, purged = await Purger(settings, Store(db)).purge_once()
         assert purged >= 1
-        async with db.unit_of_work("read") as session:
+        async with db.sessions.read() as session:
             ids = set(
                 (
                     await session.execute(

@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import grpc
-import pytest
 from google.protobuf import field_mask_pb2
 from harness import Figures, served, stubs
 
@@ -94,7 +93,6 @@ async def test_concurrent_writers_with_etags_lose_no_update(
     assert set(reasons) <= {"ETAG_MISMATCH"}, reasons
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 item 7")
 async def test_deadlock_prone_batches_are_never_internal(
     database: str, log_dir: Path, figures: Figures
 ) -> None:
@@ -142,7 +140,6 @@ async def test_deadlock_prone_batches_are_never_internal(
         "at once, 10 pairs at a time",
         f"{PAIRS} pairs in {elapsed:.0f}s: INTERNAL {codes['INTERNAL']}; codes {dict(codes)}",
         passed=codes["INTERNAL"] == 0,
-        waits_for="issue 8 item 7 (SQLSTATE mapping, deadlock retry)",
     )
     assert codes["INTERNAL"] == 0, codes
     assert set(codes) <= {"OK", "ALREADY_EXISTS", "ABORTED"}, codes

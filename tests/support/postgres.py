@@ -16,10 +16,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -415,10 +416,18 @@ def _alive(pid: int) -> bool:
 # --------------------------------------------------------------------------- entry point
 
 
-def ensure_postgres(url: str | None = None) -> PostgresServer:
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.__stderr__, flush=True)
+
+
+def ensure_postgres(
+    url: str | None = None, announce: Callable[[str], None] = _to_stderr
+) -> PostgresServer:
     """Use the server at ``url`` / $TEST_DATABASE_URL, else start a throwaway cluster.
 
     Call once per test session (from sync code) and ``close()`` the result at the end.
+    A throwaway cluster is announced in one line through ``announce`` (the test
+    session's terminal), so whoever expected their own server knows what happened.
     Raises RuntimeError, never skips, when no server answers and none can be started.
     """
     explicit = url is not None or bool(os.environ.get(ENV_VAR))
@@ -444,4 +453,9 @@ def ensure_postgres(url: str | None = None) -> PostgresServer:
         raise RuntimeError(f"\n{banner}\n{hint}\n{banner}")
     cluster = _Cluster(bindir, user=parsed.username or "postgres")
     admin_url = cluster.start()
+    announce(
+        f"No PostgreSQL answered at {parsed.render_as_string(hide_password=True)}: started a "
+        f"throwaway cluster on 127.0.0.1:{cluster.port} in {cluster.root} (from {bindir}); "
+        "it is removed when the tests end. Set TEST_DATABASE_URL to use your own server."
+    )
     return PostgresServer(admin_url, cluster)

@@ -26,39 +26,39 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x62log/v1/user.proto\x12\x07\x62log.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x02\n\x04User\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x10\n\x08username\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x0b\n\x03\x62io\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\t \x01(\t\x12\x12\n\npost_count\x18\n \x01(\x03\"D\n\x11\x43reateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.blog.v1.User\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"G\n\x17\x42\x61tchCreateUsersRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.blog.v1.CreateUserRequest\"8\n\x18\x42\x61tchCreateUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.blog.v1.User\"=\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x1f\n\x04view\x18\x02 \x01(\x0e\x32\x11.blog.v1.UserView\"\x92\x01\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x05 \x01(\x08\x12\x1f\n\x04view\x18\x06 \x01(\x0e\x32\x11.blog.v1.UserView\"J\n\x11ListUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.blog.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x11UpdateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.blog.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"!\n\x13UndeleteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\x83\x01\n\x12StreamUsersRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x10\n\x08order_by\x18\x02 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\x12\x1f\n\x04view\x18\x04 \x01(\x0e\x32\x11.blog.v1.UserView\x12\x14\n\x0cresume_token\x18\x05 \x01(\t\"I\n\x13StreamUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.blog.v1.User\x12\x14\n\x0cresume_token\x18\x02 \x01(\t*N\n\x08UserView\x12\x19\n\x15USER_VIEW_UNSPECIFIED\x10\x00\x12\x13\n\x0fUSER_VIEW_BASIC\x10\x01\x12\x12\n\x0eUSER_VIEW_FULL\x10\x02\x32\x91\x04\n\x0bUserService\x12\x37\n\nCreateUser\x12\x1a.blog.v1.CreateUserRequest\x1a\r.blog.v1.User\x12W\n\x10\x42\x61tchCreateUsers\x12 .blog.v1.BatchCreateUsersRequest\x1a!.blog.v1.BatchCreateUsersResponse\x12\x31\n\x07GetUser\x12\x17.blog.v1.GetUserRequest\x1a\r.blog.v1.User\x12\x42\n\tListUsers\x12\x19.blog.v1.ListUsersRequest\x1a\x1a.blog.v1.ListUsersResponse\x12\x37\n\nUpdateUser\x12\x1a.blog.v1.UpdateUserRequest\x1a\r.blog.v1.User\x12\x37\n\nDeleteUser\x12\x1a.blog.v1.DeleteUserRequest\x1a\r.blog.v1.User\x12;\n\x0cUndeleteUser\x12\x1c.blog.v1.UndeleteUserRequest\x1a\r.blog.v1.User\x12J\n\x0bStreamUsers\x12\x1b.blog.v1.StreamUsersRequest\x1a\x1c.blog.v1.StreamUsersResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x62log/v1/user.proto\x12\x07\x62log.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x02\n\x04User\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x10\n\x08username\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x0b\n\x03\x62io\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\t \x01(\t\x12\x12\n\npost_count\x18\n \x01(\x03\"D\n\x11\x43reateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.blog.v1.User\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"[\n\x17\x42\x61tchCreateUsersRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.blog.v1.CreateUserRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"8\n\x18\x42\x61tchCreateUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.blog.v1.User\"=\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x1f\n\x04view\x18\x02 \x01(\x0e\x32\x11.blog.v1.UserView\"\x92\x01\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x05 \x01(\x08\x12\x1f\n\x04view\x18\x06 \x01(\x0e\x32\x11.blog.v1.UserView\"J\n\x11ListUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.blog.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x11UpdateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.blog.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"!\n\x13UndeleteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\x83\x01\n\x12StreamUsersRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x10\n\x08order_by\x18\x02 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\x12\x1f\n\x04view\x18\x04 \x01(\x0e\x32\x11.blog.v1.UserView\x12\x14\n\x0cresume_token\x18\x05 \x01(\t\"I\n\x13StreamUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.blog.v1.User\x12\x14\n\x0cresume_token\x18\x02 \x01(\t*N\n\x08UserView\x12\x19\n\x15USER_VIEW_UNSPECIFIED\x10\x00\x12\x13\n\x0fUSER_VIEW_BASIC\x10\x01\x12\x12\n\x0eUSER_VIEW_FULL\x10\x02\x32\x91\x04\n\x0bUserService\x12\x37\n\nCreateUser\x12\x1a.blog.v1.CreateUserRequest\x1a\r.blog.v1.User\x12W\n\x10\x42\x61tchCreateUsers\x12 .blog.v1.BatchCreateUsersRequest\x1a!.blog.v1.BatchCreateUsersResponse\x12\x31\n\x07GetUser\x12\x17.blog.v1.GetUserRequest\x1a\r.blog.v1.User\x12\x42\n\tListUsers\x12\x19.blog.v1.ListUsersRequest\x1a\x1a.blog.v1.ListUsersResponse\x12\x37\n\nUpdateUser\x12\x1a.blog.v1.UpdateUserRequest\x1a\r.blog.v1.User\x12\x37\n\nDeleteUser\x12\x1a.blog.v1.DeleteUserRequest\x1a\r.blog.v1.User\x12;\n\x0cUndeleteUser\x12\x1c.blog.v1.UndeleteUserRequest\x1a\r.blog.v1.User\x12J\n\x0bStreamUsers\x12\x1b.blog.v1.StreamUsersRequest\x1a\x1c.blog.v1.StreamUsersResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'blog.v1.user_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USERVIEW']._serialized_start=1247
-  _globals['_USERVIEW']._serialized_end=1325
+  _globals['_USERVIEW']._serialized_start=1267
+  _globals['_USERVIEW']._serialized_end=1345
   _globals['_USER']._serialized_start=99
   _globals['_USER']._serialized_end=366
   _globals['_CREATEUSERREQUEST']._serialized_start=368
   _globals['_CREATEUSERREQUEST']._serialized_end=436
   _globals['_BATCHCREATEUSERSREQUEST']._serialized_start=438
-  _globals['_BATCHCREATEUSERSREQUEST']._serialized_end=509
-  _globals['_BATCHCREATEUSERSRESPONSE']._serialized_start=511
-  _globals['_BATCHCREATEUSERSRESPONSE']._serialized_end=567
-  _globals['_GETUSERREQUEST']._serialized_start=569
-  _globals['_GETUSERREQUEST']._serialized_end=630
-  _globals['_LISTUSERSREQUEST']._serialized_start=633
-  _globals['_LISTUSERSREQUEST']._serialized_end=779
-  _globals['_LISTUSERSRESPONSE']._serialized_start=781
-  _globals['_LISTUSERSRESPONSE']._serialized_end=855
-  _globals['_UPDATEUSERREQUEST']._serialized_start=857
-  _globals['_UPDATEUSERREQUEST']._serialized_end=954
-  _globals['_DELETEUSERREQUEST']._serialized_start=956
-  _globals['_DELETEUSERREQUEST']._serialized_end=1001
-  _globals['_UNDELETEUSERREQUEST']._serialized_start=1003
-  _globals['_UNDELETEUSERREQUEST']._serialized_end=1036
-  _globals['_STREAMUSERSREQUEST']._serialized_start=1039
-  _globals['_STREAMUSERSREQUEST']._serialized_end=1170
-  _globals['_STREAMUSERSRESPONSE']._serialized_start=1172
-  _globals['_STREAMUSERSRESPONSE']._serialized_end=1245
-  _globals['_USERSERVICE']._serialized_start=1328
-  _globals['_USERSERVICE']._serialized_end=1857
+  _globals['_BATCHCREATEUSERSREQUEST']._serialized_end=529
+  _globals['_BATCHCREATEUSERSRESPONSE']._serialized_start=531
+  _globals['_BATCHCREATEUSERSRESPONSE']._serialized_end=587
+  _globals['_GETUSERREQUEST']._serialized_start=589
+  _globals['_GETUSERREQUEST']._serialized_end=650
+  _globals['_LISTUSERSREQUEST']._serialized_start=653
+  _globals['_LISTUSERSREQUEST']._serialized_end=799
+  _globals['_LISTUSERSRESPONSE']._serialized_start=801
+  _globals['_LISTUSERSRESPONSE']._serialized_end=875
+  _globals['_UPDATEUSERREQUEST']._serialized_start=877
+  _globals['_UPDATEUSERREQUEST']._serialized_end=974
+  _globals['_DELETEUSERREQUEST']._serialized_start=976
+  _globals['_DELETEUSERREQUEST']._serialized_end=1021
+  _globals['_UNDELETEUSERREQUEST']._serialized_start=1023
+  _globals['_UNDELETEUSERREQUEST']._serialized_end=1056
+  _globals['_STREAMUSERSREQUEST']._serialized_start=1059
+  _globals['_STREAMUSERSREQUEST']._serialized_end=1190
+  _globals['_STREAMUSERSRESPONSE']._serialized_start=1192
+  _globals['_STREAMUSERSRESPONSE']._serialized_end=1265
+  _globals['_USERSERVICE']._serialized_start=1348
+  _globals['_USERSERVICE']._serialized_end=1877
 # @@protoc_insertion_point(module_scope)

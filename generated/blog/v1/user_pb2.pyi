@@ -53,10 +53,12 @@ class CreateUserRequest(_message.Message):
     def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class BatchCreateUsersRequest(_message.Message):
-    __slots__ = ("requests",)
+    __slots__ = ("requests", "request_id")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[CreateUserRequest]
-    def __init__(self, requests: _Optional[_Iterable[_Union[CreateUserRequest, _Mapping]]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, requests: _Optional[_Iterable[_Union[CreateUserRequest, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class BatchCreateUsersResponse(_message.Message):
     __slots__ = ("users",)

@@ -1,0 +1,182 @@
+"""The unit of work: one session and transaction per call, handing out the repositories.
+
+`async with store.unit_of_work("read") as uow: row = await uow.users.require(user_id)`.
+It is the one place that commits (at the end of the block; any exception rolls back),
+and the one place what the database raised becomes a domain error (`db/errors.py`).
+Servicers never see its session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction, async_sessionmaker
+
+from service.db.engine import Database, Mode
+from service.db.errors import is_unavailable, translate
+from service.errors import TransactionConflict
+from service.repositories.idempotency import IdempotencyRepository
+from service.repositories.posts import PostRepository
+from service.repositories.token_keys import TokenKeyRepository
+from service.repositories.users import UserRepository
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Store.run: attempts at a unit of work that hits a serialization failure or deadlock,
+# and the jittered ("full jitter") backoff between them.
+RUN_ATTEMPTS = 4
+_BACKOFF_BASE = 0.02
+_BACKOFF_CAP = 0.25
+
+
+class Store:
+    """Where units of work come from: the servicers' one way down to the database."""
+
+    __slots__ = ("_factories",)
+
+    def __init__(self, database: Database) -> None:
+        self._factories = {
+            mode: database.session_factory(mode) for mode in ("write", "read", "snapshot")
+        }
+
+    def unit_of_work(self, mode: Mode = "write") -> UnitOfWork:
+        """A unit of work in one of three modes (db/engine.py: SessionFactories): `write`
+        (a read-write transaction), `read` (autocommit: single-statement reads, nothing
+        to commit), `snapshot` (several reads that see one snapshot)."""
+        return UnitOfWork(self._factories[mode], transaction=mode != "read")
+
+    async def run(
+        self,
+        work: Callable[[UnitOfWork], Awaitable[T]],
+        *,
+        mode: Mode = "write",
+        time_left: float | None = None,
+    ) -> T:
+        """`await work(uow)` in a unit of work, run again from the start in a new one
+        when the database rolled it back for a serialization failure or deadlock.
+
+        The whole body is `work`, so a retry repeats every statement, and `work` must
+        not have done anything outside the database that a retry would repeat (a stream
+        never comes here: it opens its unit of work itself, and is never retried once
+        rows went out). Up to RUN_ATTEMPTS attempts, with jittered backoff, and none
+        that would start after `time_left` seconds (the call's deadline) ran out; then
+        ABORTED TRANSACTION_CONFLICT with RetryInfo. Every other error passes through.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if time_left is None else loop.time() + time_left
+        attempt = 1
+        while True:
+            try:
+                async with self.unit_of_work(mode) as uow:
+                    return await work(uow)
+            except TransactionConflict:
+                delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+                if attempt >= RUN_ATTEMPTS or (
+                    deadline is not None and loop.time() + delay >= deadline
+                ):
+                    raise
+                log.info("transaction conflict; attempt %d of %d", attempt + 1, RUN_ATTEMPTS)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+
+class UnitOfWork:
+    """One call's session and transaction; its repositories are made on first use."""
+
+    __slots__ = (
+        "_factory",
+        "_idempotency",
+        "_posts",
+        "_session",
+        "_token_keys",
+        "_transaction",
+        "_users",
+        "_wants_transaction",
+    )
+
+    def __init__(self, factory: async_sessionmaker[AsyncSession], *, transaction: bool) -> None:
+        self._factory = factory
+        self._wants_transaction = transaction
+        self._transaction: AsyncSessionTransaction | None = None
+        self._users: UserRepository | None = None
+        self._posts: PostRepository | None = None
+        self._idempotency: IdempotencyRepository | None = None
+        self._token_keys: TokenKeyRepository | None = None
+
+    async def __aenter__(self) -> UnitOfWork:
+        session = self._session = self._factory()
+        if self._wants_transaction:
+            # Nothing reaches the database yet: SQLAlchemy begins with the first statement.
+            transaction = session.begin()
+            try:
+                await transaction.__aenter__()
+            except BaseException:
+                await session.close()
+                raise
+            self._transaction = transaction
+        # Autocommit ("read"): nothing to commit or roll back, so no SessionTransaction
+        # ceremony on the hottest path.
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        session = self._session
+        failure = exc if isinstance(exc, Exception) else None
+        try:
+            try:
+                if self._transaction is not None:  # COMMIT, or ROLLBACK after an exception
+                    await self._transaction.__aexit__(exc_type, exc, traceback)
+            except Exception as error:
+                failure = error
+                raise
+            finally:
+                if failure is not None and is_unavailable(failure):
+                    # A driver-level statement may have hit a dead connection that
+                    # SQLAlchemy never saw fail: never give it back to the pool.
+                    with contextlib.suppress(Exception):
+                        await session.invalidate()
+                await session.__aexit__(exc_type, exc, traceback)  # close, shielded
+        except Exception as error:
+            domain = translate(error)
+            if domain is None:
+                raise
+            raise domain from error
+        if failure is not None:
+            domain = translate(failure)
+            if domain is not None:
+                raise domain from failure
+
+    @property
+    def users(self) -> UserRepository:
+        if self._users is None:
+            self._users = UserRepository(self._session)
+        return self._users
+
+    @property
+    def posts(self) -> PostRepository:
+        if self._posts is None:
+            self._posts = PostRepository(self._session)
+        return self._posts
+
+    @property
+    def idempotency(self) -> IdempotencyRepository:
+        if self._idempotency is None:
+            self._idempotency = IdempotencyRepository(self._session)
+        return self._idempotency
+
+    @property
+    def token_keys(self) -> TokenKeyRepository:
+        if self._token_keys is None:
+            self._token_keys = TokenKeyRepository(self._session)
+        return self._token_keys
