@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -11,14 +11,32 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "blog.v1"
+# A BadRequest lists at most this many field violations (the first ones in check
+# order); ErrorInfo metadata `violation_count` then gives the total. With the bounds
+# below a status stays far under gRPC's 16 KiB trailer limit (API.md, Errors).
+MAX_VIOLATIONS = 20
+MAX_FIELD_CHARS = 128
+MAX_DESCRIPTION_CHARS = 256
+MAX_MESSAGE_CHARS = 512
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` code points, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
-    """One fault in one request field; `field` is a path relative to the request."""
+    """One fault in one request field; `field` is a path relative to the request.
+
+    Both are clipped: a description may echo a client's value, which can be huge."""
 
     field: str
     description: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "field", clip(self.field, MAX_FIELD_CHARS))
+        object.__setattr__(self, "description", clip(self.description, MAX_DESCRIPTION_CHARS))
 
 
 class DomainError(Exception):
@@ -51,13 +69,22 @@ class InvalidArgument(DomainError):
         *,
         reason: str = "INVALID_FIELD",
         metadata: Mapping[str, str] | None = None,
+        total: int | None = None,
     ) -> None:
+        """`violations` in check order; `total` counts those a collector already left
+        out (it keeps only the first MAX_VIOLATIONS). Only the first MAX_VIOLATIONS are
+        kept; when there were more, metadata `violation_count` gives the total."""
+        total = max(len(violations), total or 0)
         first = violations[0] if violations else FieldViolation("", "invalid request")
         summary = f"{first.field}: {first.description}" if first.field else first.description
-        if len(violations) > 1:
-            summary += f" (and {len(violations) - 1} more)"
-        super().__init__(summary, metadata=metadata)
-        self.violations = list(violations)
+        if total > 1:
+            summary += f" (and {total - 1} more)"
+        extra = dict(metadata or {})
+        if total > MAX_VIOLATIONS:
+            extra["violation_count"] = str(total)
+        super().__init__(summary, metadata=extra)
+        self.violations = list(violations[:MAX_VIOLATIONS])
+        self.total = total
         self.reason = reason
 
     @classmethod
@@ -80,19 +107,29 @@ class InvalidArgument(DomainError):
 
 
 class FieldViolations:
-    """Collects field violations; `raise_if_any` ends the call with all of them."""
+    """Collects field violations; `raise_if_any` ends the call with them.
 
-    __slots__ = ("items",)
+    Only the first MAX_VIOLATIONS are kept (the BadRequest shows no more), the rest are
+    only counted, so a request with 100,000 bad mask paths builds no huge list."""
+
+    __slots__ = ("count", "items")
 
     def __init__(self) -> None:
         self.items: list[FieldViolation] = []
+        self.count = 0
 
     def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
+        self.count += 1
+        if len(self.items) < MAX_VIOLATIONS:
+            self.items.append(FieldViolation(field, description))
+
+    def extend(self, violations: Iterable[FieldViolation]) -> None:
+        for violation in violations:
+            self.add(violation.field, violation.description)
 
     def raise_if_any(self) -> None:
-        if self.items:
-            raise InvalidArgument(self.items)
+        if self.count:
+            raise InvalidArgument(self.items, total=self.count)
 
     def text(
         self,
@@ -326,7 +363,9 @@ def to_grpc_status(error: DomainError) -> grpc.Status:
         packed.Pack(message)
         details.append(packed)
     status = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message, details=details
+        code=getattr(code_pb2, error.code.name),
+        message=clip(error.message, MAX_MESSAGE_CHARS),
+        details=details,
     )
     result: grpc.Status = rpc_status.to_status(status)
     return result

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,6 +22,7 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.db.engine import Database
 from service.db.migrations import SchemaState, describe_revisions, schema_status, upgrade
+from service.draining import Drain
 from service.health import NOT_SERVING, SERVING, ReadinessMonitor
 from service.maintenance import Purger
 from service.reload import FileReloader, TlsCertificates
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 USER_SERVICE = user_pb2.DESCRIPTOR.services_by_name["UserService"]
 POST_SERVICE = post_pb2.DESCRIPTOR.services_by_name["PostService"]
 READINESS_SERVICES = (USER_SERVICE.full_name, POST_SERVICE.full_name)
+# Shutdown (see service/draining.py): after the unary calls in flight are done, wait
+# for a pause in arrivals this long (at most DRAIN_QUIET_MAX), so gRPC's queue of
+# calls not yet handled is empty when `server.stop` would cancel it.
+DRAIN_QUIET = 0.2
+DRAIN_QUIET_MAX = 1.0
 
 
 class SchemaBehindError(RuntimeError):
@@ -72,6 +79,7 @@ class BlogServer:
     _readiness: ReadinessMonitor | None = field(default=None, init=False)
     _purger: Purger | None = field(default=None, init=False)
     _refreeze: asyncio.TimerHandle | None = field(default=None, init=False)
+    drain: Drain = field(default_factory=Drain, init=False)
     _files: FileReloader | None = field(default=None, init=False)
 
     async def start(self, *, migrate: bool = False) -> None:
@@ -96,6 +104,7 @@ class BlogServer:
         factory = HandlerFactory(
             authenticator=authenticator,
             idle_timeout=settings.stream_idle_timeout,
+            drain=self.drain,
         )
         users = UserServicer(store=self.store, tokens=tokens, streams=streams, settings=settings)
         posts = PostServicer(store=self.store, tokens=tokens, streams=streams, settings=settings)
@@ -202,8 +211,22 @@ class BlogServer:
         return TokenCodec([*env_keys, *db_keys], reload)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, give calls in flight the grace, dispose."""
+        """Health NOT_SERVING and new calls UNAVAILABLE at once; calls in flight get the
+        grace; what still runs at its end is ended UNAVAILABLE; then stop and dispose.
+
+        Never CANCELLED (API.md, shutdown): `server.stop` cancels calls gRPC has queued
+        but not handed to a handler yet (grpc/grpc#41785) and, at its grace, every call
+        still running; so it is called only once the queue had time to empty, and
+        streams are ended by the service before its grace runs out (DECISIONS.md 26)."""
         grace = self.settings.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        # Streams still running are ended this long before the grace runs out, so their
+        # statuses go out and their sessions close before the process must be gone.
+        margin = min(2.0, grace / 3)
+        server, self._server = self._server, None
+        if server is not None:
+            await self.health.enter_graceful_shutdown()  # every name NOT_SERVING
+            self.drain.begin()
         if self._readiness is not None:
             await self._readiness.stop()
         if self._purger is not None:
@@ -212,11 +235,37 @@ class BlogServer:
             self._refreeze.cancel()
         if self._files is not None:
             await self._files.stop()
-        if self._server is not None:
-            await self.health.enter_graceful_shutdown()
-            await self._server.stop(grace)
-            self._server = None
+        if server is not None:
+            started = time.monotonic()
+            in_flight = self.drain.in_flight
+            quiet = await self.drain.wait_quiet(
+                quiet=DRAIN_QUIET, quiet_max=DRAIN_QUIET_MAX, until=deadline - margin
+            )
+            log.info(
+                "drained unary calls in %.2fs (%d in flight at the signal, queue %s, "
+                "%d refused calls parked)",
+                time.monotonic() - started,
+                in_flight,
+                "empty" if quiet else "still receiving",
+                self.drain.parked,
+            )
+            loop = asyncio.get_running_loop()
+            ender = loop.call_later(max(0.0, deadline - margin - time.monotonic()), self._end_all)
+            stopping = loop.create_task(server.stop(max(0.0, deadline - time.monotonic())))
+            try:
+                # Once gRPC has begun to stop (GOAWAY sent, no call queued any more),
+                # answer the parked calls UNAVAILABLE.
+                await asyncio.wait({stopping}, timeout=0.05)
+                self.drain.release()
+                await stopping
+            finally:
+                ender.cancel()
         await self.db.dispose()
+
+    def _end_all(self) -> None:
+        if self.drain.in_flight:
+            log.info("grace ends: ending %d calls UNAVAILABLE", self.drain.in_flight)
+        self.drain.end_all()
 
 
 def _freeze_heap() -> None:

@@ -24,7 +24,16 @@ from google.protobuf.message_factory import GetMessageClass
 
 from service.api.convert import etag_of
 from service.auth import ANONYMOUS, Authenticator
-from service.errors import Aborted, DomainError, EtagMismatch, Internal, InvalidArgument, abort
+from service.draining import Drain
+from service.errors import (
+    Aborted,
+    DomainError,
+    EtagMismatch,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+    abort,
+)
 from service.repositories.uow import read_from_primary
 
 log = logging.getLogger("service.rpc")
@@ -109,9 +118,12 @@ def parse(message_class: type[protobuf_message.Message], data: bytes) -> Any:
 class HandlerFactory:
     """Builds generic handlers for a service descriptor from a servicer's snake_case methods."""
 
-    def __init__(self, *, authenticator: Authenticator, idle_timeout: float) -> None:
+    def __init__(
+        self, *, authenticator: Authenticator, idle_timeout: float, drain: Drain | None = None
+    ) -> None:
         self._auth = authenticator
         self._idle_timeout = idle_timeout
+        self.drain = drain or Drain()
 
     def service(self, descriptor: ServiceDescriptor, servicer: object) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -146,11 +158,16 @@ class HandlerFactory:
     ) -> Callable[[bytes, Context], Awaitable[Any]]:
         auth = self._auth
         idle_timeout = self._idle_timeout
+        drain = self.drain
 
         async def handle(data: bytes, context: Context) -> Any:
             started = time.perf_counter()
             caller = "-"
+            task: asyncio.Task[object] | None = None
             try:
+                if drain.draining:
+                    await drain.refuse(context.time_remaining())
+                task = drain.enter(streaming)
                 caller = auth.caller(context.invocation_metadata()) if auth.enabled else ANONYMOUS
                 request = parse(request_class, data)
                 call = Call(context, method, caller, idle_timeout)
@@ -165,6 +182,21 @@ class HandlerFactory:
                     )
                 return None if streaming else result
             except asyncio.CancelledError as cancelled:
+                if drain.ended_by_shutdown(task) and not context.cancelled():
+                    # Shutdown reached its grace deadline with this call still running:
+                    # say UNAVAILABLE (retry; a stream resumes from its last
+                    # resume_token), never let gRPC's stop answer CANCELLED.
+                    assert task is not None
+                    task.uncancel()
+                    log.info("%s UNAVAILABLE: ended by shutdown caller=%s", method, caller)
+                    await abort(
+                        context,
+                        Unavailable(
+                            "the server is shutting down; retry (a stream resumes from its "
+                            "last resume_token)"
+                        ),
+                    )
+                    return None
                 # grpc.aio cancelled the task (the client cancelled, its deadline passed
                 # or its connection dropped), or a stream write failed (`Call.send`):
                 # nobody is left to answer. Log it, and let the cancellation end the task.
@@ -192,6 +224,9 @@ class HandlerFactory:
                 error_id = uuid.uuid4().hex
                 log.exception("%s INTERNAL error_id=%s caller=%s", method, error_id, caller)
                 await abort(context, Internal(error_id))
+            finally:
+                if task is not None:
+                    drain.leave(task)
             return None
 
         return handle

@@ -74,7 +74,7 @@ class QuerySpec:
                     order_by, columns=self.orderable, default=self.default_order
                 )
             except InvalidArgument as error:
-                violations.items.extend(error.violations)
+                violations.extend(error.violations)
         violations.text(token_field, token, max_length=MAX_TOKEN_CHARS)
         violations.raise_if_any()
         assert ordering is not None

@@ -295,12 +295,13 @@ async def test_list_posts_pages_are_full_until_the_last(users, posts) -> None:
 
 
 def forged(token: str) -> str:
-    """The same token with its position changed and its signature kept."""
-    body, mac = token.split(".")
+    """The same token (`<key id>.<body>.<mac>`) with its position changed and its
+    key id and signature kept."""
+    key_id, body, mac = token.split(".")
     payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     payload["p"][-1] = payload["p"][-1] + 1
     raw = json.dumps(payload, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode() + "." + mac
+    return f"{key_id}.{base64.urlsafe_b64encode(raw).rstrip(b'=').decode()}.{mac}"
 
 
 async def test_list_posts_page_tokens_are_bound_and_signed(users, posts) -> None:

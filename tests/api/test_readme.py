@@ -76,9 +76,9 @@ def _grpcurl(command: str, port: int) -> subprocess.CompletedProcess[str]:
 
 
 def _token_payload(token: str) -> dict[str, Any]:
-    """What a page or resume token carries (its signature aside): key, kind, binding,
-    position."""
-    body = token.split(".")[0]
+    """What a page or resume token carries between its key id and its signature: kind,
+    binding, position."""
+    body = token.split(".")[1]
     payload: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     return payload
 

@@ -380,7 +380,7 @@ class _Cluster:
                 "-t",
                 str(int(STARTUP_TIMEOUT)),
                 "-o",
-                shlex.join(options),
+                self.server_options(),
                 "start",
                 timeout=STARTUP_TIMEOUT + 10,
             )
