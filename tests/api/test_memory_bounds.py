@@ -100,6 +100,7 @@ async def test_concurrent_big_pages_of_large_rows_stay_under_the_bound(
             assert 0 < len(page.posts) < ROWS
             assert page.ByteSize() < CLIENT_LIMIT
         assert growth < BOUND, f"RSS grew by {growth / MB:.0f} MB"
+        assert after - before < 30 * MB, f"RSS stayed {(after - before) / MB:.0f} MB up"
 
 
 async def test_stalled_streams_of_large_rows_stay_under_the_bound_and_give_it_back(
