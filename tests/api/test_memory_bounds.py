@@ -10,9 +10,9 @@ benchmarks; the figures are printed (`-s`) for docs/RELIABILITY.md."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -54,15 +54,18 @@ async def large_rows(postgres: PostgresServer) -> AsyncIterator[str]:
         postgres.drop_database(url)
 
 
-def _server(url: str, tmp_path: Path, **settings: str) -> Any:
-    return serve(
+@contextlib.asynccontextmanager
+async def _warm_server(url: str, tmp_path: Path) -> AsyncIterator[tuple[ServerProcess, int]]:
+    """A server on the database (room for 10 streams), warmed up, and its settled RSS."""
+    async with serve(
         tmp_path,
         DATABASE_URL=url,
         DB_POOL_SIZE="12",
         DB_MAX_OVERFLOW="4",
         STREAM_MAX_CONCURRENT="10",
-        **settings,
-    )
+    ) as server:
+        await _warm_up(server)
+        yield server, await settled_rss(server)
 
 
 async def _warm_up(server: ServerProcess) -> None:
@@ -76,12 +79,18 @@ async def _warm_up(server: ServerProcess) -> None:
             call.cancel()
 
 
+def _figures(what: str, before: int, peak: int, after: int) -> str:
+    return (
+        f"\n{what}: RSS before {before / MB:.0f} MB, peak {peak / MB:.0f} MB"
+        f" (+{(peak - before) / MB:.0f} MB), after {after / MB:.0f} MB"
+        f" (+{(after - before) / MB:.0f} MB)"
+    )
+
+
 async def test_concurrent_big_pages_of_large_rows_stay_under_the_bound(
     large_rows: str, tmp_path: Path
 ) -> None:
-    async with _server(large_rows, tmp_path) as server:
-        await _warm_up(server)
-        before = await settled_rss(server)
+    async with _warm_server(large_rows, tmp_path) as (server, before):
         async with grpc.aio.insecure_channel(server.target) as channel:
             posts = post_pb2_grpc.PostServiceStub(channel)
             with peak_rss(server.process) as peak:
@@ -90,11 +99,8 @@ async def test_concurrent_big_pages_of_large_rows_stay_under_the_bound(
                 )
         after = await settled_rss(server)
         growth = peak[0] - before
-        print(
-            f"\n8 concurrent ListPosts{{page_size: 1000}} of 100 KB rows: RSS before "
-            f"{before / MB:.0f} MB, peak {peak[0] / MB:.0f} MB (+{growth / MB:.0f} MB), "
-            f"after {after / MB:.0f} MB; {len(pages[0].posts)} rows a page"
-        )
+        what = f"8 concurrent ListPosts{{page_size: 1000}} of 100 KB rows ({len(pages[0].posts)}"
+        print(_figures(what + " rows a page)", before, peak[0], after))
         for page in pages:
             assert page.next_page_token
             assert 0 < len(page.posts) < ROWS
@@ -106,9 +112,7 @@ async def test_concurrent_big_pages_of_large_rows_stay_under_the_bound(
 async def test_stalled_streams_of_large_rows_stay_under_the_bound_and_give_it_back(
     large_rows: str, tmp_path: Path
 ) -> None:
-    async with _server(large_rows, tmp_path) as server:
-        await _warm_up(server)
-        before = await settled_rss(server)
+    async with _warm_server(large_rows, tmp_path) as (server, before):
         # A small per-stream window, so the client holds little and the server's side of
         # each stream is what fills (the client reads nothing after the first message).
         options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 64 * 1024)]
@@ -125,10 +129,6 @@ async def test_stalled_streams_of_large_rows_stay_under_the_bound_and_give_it_ba
         await asyncio.sleep(2)  # the trim after the streams ended
         after = await settled_rss(server)
         growth = peak[0] - before
-        print(
-            f"\n10 stalled StreamPosts of 100 KB rows: RSS before {before / MB:.0f} MB, "
-            f"peak {peak[0] / MB:.0f} MB (+{growth / MB:.0f} MB), after {after / MB:.0f} MB"
-            f" (+{(after - before) / MB:.0f} MB)"
-        )
+        print(_figures("10 stalled StreamPosts of 100 KB rows", before, peak[0], after))
         assert growth < BOUND, f"RSS grew by {growth / MB:.0f} MB"
         assert after - before < 30 * MB, f"RSS stayed {(after - before) / MB:.0f} MB up"

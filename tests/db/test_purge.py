@@ -59,6 +59,16 @@ async def test_idempotency_records_are_purged_after_their_ttl(backend: Backend) 
         await db.dispose()
 
 
+async def _age_deletion(db: Database, user_id: int, *, days: float) -> None:
+    """Move a user's deletion `days` into the past (past retention, for instance)."""
+    async with db.sessions.write() as session, session.begin():
+        await session.execute(
+            update(User)
+            .where(User.id == user_id)
+            .values(delete_time=utcnow() - timedelta(days=days))
+        )
+
+
 async def test_long_deleted_users_are_purged_with_their_posts(
     backend: Backend, running: Running
 ) -> None:
@@ -71,13 +81,7 @@ async def test_long_deleted_users_are_purged_with_their_posts(
     settings = settings_for(backend.url, user_retention_days=30)
     db = Database(settings)
     try:
-        # Age the first deletion past retention.
-        async with db.sessions.write() as session, session.begin():
-            await session.execute(
-                update(User)
-                .where(User.id == old.id)
-                .values(delete_time=utcnow() - timedelta(days=31))
-            )
+        await _age_deletion(db, old.id, days=31)
         report = await Purger(settings, Store(db)).purge_once()
         assert report.users >= 1
         async with db.sessions.read() as session:
@@ -239,12 +243,7 @@ async def test_a_deleted_user_with_many_posts_is_purged_over_several_transaction
     settings = settings_for(backend.url, user_retention_days=30)
     db = Database(settings)
     try:
-        async with db.sessions.write() as session, session.begin():
-            await session.execute(
-                update(User)
-                .where(User.id == author.id)
-                .values(delete_time=utcnow() - timedelta(days=31))
-            )
+        await _age_deletion(db, author.id, days=31)
         with transactions_of(db.engine) as committed:
             report = await Purger(settings, Store(db)).purge_once()
         assert len([rows for rows in committed if rows]) >= 3, committed
