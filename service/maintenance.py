@@ -89,8 +89,8 @@ class Purger:
         total = 0
         for transactions in range(1, MAX_BATCHES + 1):
             started = time.monotonic()
-            async with self._store.unit_of_work() as uow:
-                count, more = await batch(uow)
+            # A batch that meets a deadlock or serialization failure runs again.
+            count, more = await self._store.run(batch)
             total += count
             if not more:
                 return total, transactions
