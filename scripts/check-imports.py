@@ -38,7 +38,14 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
         "errors and config are leaves every layer uses",
     ),
     (
-        ("service.tokens", "service.filtering", "service.auth", "service.logs", "service.startup"),
+        (
+            "service.tokens",
+            "service.filtering",
+            "service.auth",
+            "service.logs",
+            "service.startup",
+            "service.memory",
+        ),
         ("service.api", "service.repositories", "service.db", "service.server"),
         "helpers below every layer import only the leaves",
     ),

@@ -10,9 +10,11 @@ from google.protobuf import empty_pb2
 from blog.v1 import post_pb2
 from service.api.base import Servicer
 from service.api.convert import add_post, to_post_message, version_of
+from service.api.pages import LARGE_RESPONSE_BYTES, MAX_PAGE_BYTES
 from service.api.rpc import Call
 from service.api.streams import send_batches
 from service.api.validation import Violations, check_id, masked_fields
+from service.memory import release_memory_soon
 from service.repositories.posts import POST_QUERY
 from service.repositories.uow import UnitOfWork
 
@@ -104,17 +106,36 @@ class PostServicer(Servicer):
             token=request.page_token,
             token_field="page_token",
         )
-        # One statement (tags come in a correlated subquery): an autocommit read.
+        # One statement (tags come in a correlated subquery): an autocommit read, unless
+        # the page's bodies are too large to come inline (repositories/posts.py).
         async with self._store.unit_of_work("read") as uow:
-            rows = await uow.posts.list_page(query=query, full=full, limit=page_size + 1)
-        more = len(rows) > page_size
-        rows = rows[:page_size]
+            page = await uow.posts.list_page(
+                query=query, full=full, limit=page_size, max_bytes=MAX_PAGE_BYTES
+            )
+        if page.needs_snapshot:
+            async with self._store.unit_of_work("snapshot") as uow:
+                page = await uow.posts.list_page(
+                    query=query,
+                    full=full,
+                    limit=page_size,
+                    max_bytes=MAX_PAGE_BYTES,
+                    snapshot=True,
+                )
+        rows = page.rows
         response = post_pb2.ListPostsResponse()
-        add = response.posts.add
-        for row in rows:
-            add_post(add, row, row.tags, full=full)
-        if more:
+        repeated = response.posts
+        add = repeated.add
+        size = 0
+        for count, row in enumerate(rows):
+            size += add_post(add, row, row.tags, full=full)[1]
+            if size > MAX_PAGE_BYTES and count:
+                del repeated[-1]  # the cap is the contract's; the repository's is memory's
+                rows = rows[:count]
+                break
+        if page.more or len(rows) < len(page.rows):
             response.next_page_token = query.token_after(rows[-1])
+        if size >= LARGE_RESPONSE_BYTES:
+            release_memory_soon()
         return response
 
     async def update_post(self, request: post_pb2.UpdatePostRequest, call: Call) -> post_pb2.Post:
@@ -181,7 +202,12 @@ class PostServicer(Servicer):
 
                 await send_batches(
                     call,
-                    posts.stream(query=query, full=full, batch_size=settings.stream_batch_rows),
+                    posts.stream(
+                        query=query,
+                        full=full,
+                        batch_size=settings.stream_batch_rows,
+                        max_bytes=settings.stream_batch_bytes,
+                    ),
                     prepare=prepare,
                     new_message=post_pb2.StreamPostsResponse,
                     rows_field="posts",

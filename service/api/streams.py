@@ -10,8 +10,12 @@ from google.protobuf.message import Message
 
 from service.api.rpc import Call
 from service.errors import ResourceExhausted
+from service.memory import release_memory_soon
 
 M = TypeVar("M", bound=Message)
+# A stream that sent at least this much asks for freed memory to go back to the system
+# when it ends (service/memory.py).
+LARGE_STREAM_BYTES = 1024 * 1024
 
 
 class StreamLimiter:
@@ -59,33 +63,42 @@ async def send_batches(
     once so the connection goes back to the pool.
     """
 
-    async def flush(message: M, last: Any) -> None:
+    built = 0  # bytes of messages built, sent or not (a stalled stream sends little)
+
+    async def flush(message: M, last: Any, size: int) -> None:
+        nonlocal built
+        built += size
         message.resume_token = token_of(last)  # type: ignore[attr-defined]
         await call.send(message)
 
-    async with aclosing(batches):
-        async for rows in batches:
-            extra = await prepare(rows)
-            message = new_message()
-            put = getattr(message, rows_field).add
-            count = size = 0
-            last: Any = None
-            for row in rows:
-                item = add(put, row, extra)
-                if count and size + item > max_bytes:
-                    del getattr(message, rows_field)[-1]
-                    await flush(message, last)
-                    message = new_message()
-                    put = getattr(message, rows_field).add
+    try:
+        async with aclosing(batches):
+            async for rows in batches:
+                extra = await prepare(rows)
+                message = new_message()
+                put = getattr(message, rows_field).add
+                count = size = 0
+                last: Any = None
+                for row in rows:
                     item = add(put, row, extra)
-                    count = size = 0
-                count += 1
-                size += item
-                last = row
-                if count >= max_rows:
-                    await flush(message, last)
-                    message = new_message()
-                    put = getattr(message, rows_field).add
-                    count = size = 0
-            if count:
-                await flush(message, last)
+                    if count and size + item > max_bytes:
+                        del getattr(message, rows_field)[-1]
+                        await flush(message, last, size)
+                        message = new_message()
+                        put = getattr(message, rows_field).add
+                        item = add(put, row, extra)
+                        count = size = 0
+                    count += 1
+                    size += item
+                    last = row
+                    if count >= max_rows:
+                        await flush(message, last, size)
+                        message = new_message()
+                        put = getattr(message, rows_field).add
+                        count = size = 0
+                if count:
+                    await flush(message, last, size)
+    finally:
+        # The rows and messages of a large stream were freed; give the pages back.
+        if built >= LARGE_STREAM_BYTES:
+            release_memory_soon()

@@ -8,10 +8,12 @@ from typing import Any
 from blog.v1 import user_pb2
 from service.api.base import Servicer
 from service.api.convert import add_user, to_user_message, version_of
+from service.api.pages import LARGE_RESPONSE_BYTES, MAX_PAGE_BYTES
 from service.api.rpc import Call
 from service.api.streams import send_batches
 from service.api.validation import Violations, check_id, masked_fields
 from service.errors import AlreadyExists, InvalidArgument, taken
+from service.memory import release_memory_soon
 from service.repositories.uow import UnitOfWork
 from service.repositories.users import USER_QUERY, normalize_email
 
@@ -173,9 +175,9 @@ class UserServicer(Servicer):
             rows = rows[:page_size]
             counts = await users.post_counts([r.id for r in rows]) if full else None
         response = user_pb2.ListUsersResponse()
-        _add_users(response.users, rows, counts)
-        if more:
-            response.next_page_token = query.token_after(rows[-1])
+        kept = _fill_page(response.users, rows, counts)
+        if more or kept < len(rows):
+            response.next_page_token = query.token_after(rows[kept - 1])
         return response
 
     async def update_user(self, request: user_pb2.UpdateUserRequest, call: Call) -> user_pb2.User:
@@ -282,6 +284,23 @@ def _add_users(container: Any, rows: Sequence[Any], counts: dict[int, int] | Non
     add = container.add
     for row in rows:
         add_user(add, row, counts.get(row.id, 0) if counts else 0)
+
+
+def _fill_page(container: Any, rows: Sequence[Any], counts: dict[int, int] | None) -> int:
+    """Add rows to a page until its estimated size would pass MAX_PAGE_BYTES (a thousand
+    users with 2,000-character bios can); return how many went in (at least one). The
+    rows themselves are bounded by the schema, so they are read in one statement."""
+    add = container.add
+    size = 0
+    for count, row in enumerate(rows):
+        size += add_user(add, row, counts.get(row.id, 0) if counts else 0)[1]
+        if size > MAX_PAGE_BYTES and count:
+            del container[-1]
+            release_memory_soon()
+            return count
+    if size >= LARGE_RESPONSE_BYTES:
+        release_memory_soon()
+    return len(rows)
 
 
 def _id_of(user: user_pb2.User) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import any_, bindparam
+from sqlalchemy import LargeBinary, any_, bindparam, cast, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,3 +29,12 @@ def one_of(session: AsyncSession, column: Any, values: Sequence[Any], item_type:
     if is_postgres(session):
         return column == any_(bindparam(None, list(values), type_=ARRAY(item_type)))
     return column.in_(values)
+
+
+def byte_length(column: Any, *, postgres: bool) -> Any:
+    """The UTF-8 length of a text column in bytes, read without the value itself where
+    the database can (PostgreSQL's `octet_length` reads a TOASTed value's header only;
+    SQLite before 3.43 has no `octet_length`, so its text is cast to a blob)."""
+    if postgres:
+        return func.octet_length(column)
+    return func.length(cast(column, LargeBinary))

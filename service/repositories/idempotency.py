@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import IdempotencyRecord
@@ -139,8 +139,16 @@ class IdempotencyRepository:
             .values(resource_id=resource_id, response=response)
         )
 
-    async def purge(self, older_than: datetime) -> int:
+    async def purge(self, older_than: datetime, *, limit: int) -> int:
+        """Delete up to `limit` records made before `older_than` (their stored responses
+        go with them); how many went. Callers loop, one short transaction per batch."""
+        record = IdempotencyRecord
+        due = (
+            select(record.caller, record.method, record.request_id)
+            .where(record.create_time < older_than)
+            .limit(limit)
+        )
         result = await self._session.execute(
-            delete(IdempotencyRecord).where(IdempotencyRecord.create_time < older_than)
+            delete(record).where(tuple_(record.caller, record.method, record.request_id).in_(due))
         )
         return int(getattr(result, "rowcount", 0) or 0)

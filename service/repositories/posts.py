@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Integer,
     Row,
+    bindparam,
+    case,
     delete,
     func,
     insert,
+    null,
     select,
     type_coerce,
     update,
@@ -28,11 +34,11 @@ from service.db.models import (
 from service.db.types import TagList, utcnow
 from service.errors import EtagMismatch, NotFound, author_not_live
 from service.filtering import FieldKind, FilterField, substring_has
-from service.repositories.dialect import insert_ignore, is_postgres, one_of
+from service.repositories.dialect import byte_length, insert_ignore, is_postgres, one_of
 from service.repositories.driver import driver_of
 from service.repositories.keyset import seek
 from service.repositories.query import Query, QuerySpec
-from service.repositories.streaming import stream_partitions
+from service.repositories.streaming import byte_bounded, stream_partitions
 
 PostRow: TypeAlias = Row[*tuple[Any, ...]]
 
@@ -50,6 +56,77 @@ AUTHOR_COLUMNS = (
     _U.delete_time.label("author_delete_time"),
     _U.version.label("author_version"),
 )
+
+# Large rows (API.md: memory per call is bounded by bytes, never by rows alone). The first
+# statement of a page, and each fetch of a stream's cursor, carries a post's body only up
+# to an inline limit; a longer body comes as NULL beside its length (`body_bytes`, read
+# from the value's header, not the value) and is read afterwards by id, about `max_bytes`
+# at a time, inside the same snapshot. Small-row pages and fetches are untouched: one
+# statement, as before.
+# A fetch of N rows holds about N x (inline limit + title + author) at most.
+FETCH_BYTES = 4 * 1024 * 1024
+MIN_INLINE_BYTES = 2048
+# What a post adds to a response besides its title and body: field tags and lengths,
+# ids, timestamps, etag (as convert.py's estimate) and up to 20 tags of 32 characters.
+_ROW_BYTES = 96 + 20 * 34
+
+
+_INLINE_LIMIT = bindparam("inline_limit", type_=Integer)
+
+
+def inline_limit(rows: int) -> int:
+    """The longest body a fetch of `rows` rows carries inline."""
+    return max(MIN_INLINE_BYTES, FETCH_BYTES // max(rows, 1))
+
+
+def _utf8_length(text: str | None) -> int:
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def estimated_bytes(row: Any, *, full: bool) -> int:
+    """About how many bytes a post adds to a response (an overestimate), from the
+    length of its body, withheld or not."""
+    size: int = _ROW_BYTES + row.body_bytes + _utf8_length(row.title)
+    if full:
+        size += (
+            _ROW_BYTES
+            + _utf8_length(row.author_username)
+            + _utf8_length(row.author_email)
+            + _utf8_length(row.author_display_name)
+            + _utf8_length(row.author_bio)
+        )
+    return size
+
+
+def _withheld(row: Any) -> bool:
+    return row.body is None
+
+
+class WithBody:
+    """A row whose withheld body was read afterwards: the row's columns, and the body."""
+
+    __slots__ = ("_row", "body")
+
+    def __init__(self, row: Any, body: str) -> None:
+        self._row = row
+        self.body = body
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._row, name)
+
+
+@dataclass(frozen=True, slots=True)
+class PostPage:
+    """A page of posts, `more` when rows remain after it. `needs_snapshot`: the page has
+    bodies too large to come inline, which are read by id afterwards; that needs one
+    snapshot for the page (a `snapshot` unit of work), which an autocommit read is not."""
+
+    rows: list[PostRow]
+    more: bool
+    needs_snapshot: bool = False
+
 
 # tags_of at driver level (PostgreSQL), the same query as its SQLAlchemy form.
 _TAGS_OF = (
@@ -101,10 +178,20 @@ def _tags_column(*, postgres: bool) -> Any:
     return type_coerce(column, TagList()).label("tags")
 
 
-def _base(full: bool, *, tags_on_postgres: bool | None = None) -> Any:
+@functools.cache
+def _base(
+    full: bool, *, tags_on_postgres: bool | None = None, inline_on_postgres: bool | None = None
+) -> Any:
     """The post columns (with the author's for FULL); with a tags column in the given
-    dialect's spelling unless `tags_on_postgres` is None."""
-    columns = [*POST_COLUMNS, *AUTHOR_COLUMNS] if full else list(POST_COLUMNS)
+    dialect's spelling unless `tags_on_postgres` is None; unless `inline_on_postgres` is
+    None, a body longer than the `inline_limit` parameter comes as NULL, with its length
+    in `body_bytes` (both in that dialect's spelling). Built once per variant: a select
+    is immutable, and building one costs more than running a small page's query."""
+    columns: list[Any] = [*POST_COLUMNS, *AUTHOR_COLUMNS] if full else list(POST_COLUMNS)
+    if inline_on_postgres is not None:
+        size = byte_length(_P.body, postgres=inline_on_postgres)
+        columns[3] = case((size <= _INLINE_LIMIT, _P.body), else_=null()).label("body")
+        columns.append(size.label("body_bytes"))
     if tags_on_postgres is not None:
         columns.append(_tags_column(postgres=tags_on_postgres))
     stmt = select(*columns)
@@ -214,9 +301,13 @@ class PostRepository:
 
     @staticmethod
     def _select(
-        *, full: bool, where: ColumnElement[bool] | None, tags_on_postgres: bool | None = None
+        *,
+        full: bool,
+        where: ColumnElement[bool] | None,
+        tags_on_postgres: bool | None = None,
+        inline_on_postgres: bool | None = None,
     ) -> Any:
-        stmt = _base(full, tags_on_postgres=tags_on_postgres)
+        stmt = _base(full, tags_on_postgres=tags_on_postgres, inline_on_postgres=inline_on_postgres)
         return stmt if where is None else stmt.where(where)
 
     async def get(self, post_id: int, *, full: bool) -> PostRow:
@@ -227,21 +318,87 @@ class PostRepository:
             raise NotFound("Post", post_id)
         return row
 
-    async def list_page(self, *, query: Query, full: bool, limit: int) -> list[PostRow]:
-        """One page of posts with their tags (`row.tags`), in one statement."""
+    async def list_page(
+        self, *, query: Query, full: bool, limit: int, max_bytes: int, snapshot: bool = False
+    ) -> PostPage:
+        """Up to `limit` posts with their tags (`row.tags`) and no more than `max_bytes`
+        (estimated_bytes), in one statement unless bodies are too large to come inline:
+        then, in a `snapshot` unit of work, they are read by id about `max_bytes`/4 at a
+        time; in any other, the page says it `needs_snapshot` and holds no rows."""
+        inline = inline_limit(limit)
+        postgres = is_postgres(self._session)
         stmt = self._select(
-            full=full, where=query.where, tags_on_postgres=is_postgres(self._session)
+            full=full, where=query.where, tags_on_postgres=postgres, inline_on_postgres=postgres
         )
-        stmt = seek(stmt, query.ordering, query.after).limit(limit)
-        return list((await self._session.execute(stmt)).all())
+        stmt = seek(stmt, query.ordering, query.after).limit(limit + 1)
+        rows = list((await self._session.execute(stmt, {"inline_limit": inline})).all())
+        if not rows:
+            return PostPage(rows, more=False)
+        sizes = [row.body_bytes for row in rows]
+        # The common page: every body inline, and far below the cap whatever the rest is.
+        bound = sum(sizes) + len(rows) * (2 * _ROW_BYTES + 800 + (9000 if full else 0))
+        if max(sizes) <= inline and bound <= max_bytes:
+            return PostPage(rows[:limit], more=len(rows) > limit)
+        kept: list[PostRow] = []
+        total = 0
+        for row in rows[:limit]:
+            size = estimated_bytes(row, full=full)
+            if kept and total + size > max_bytes:
+                break
+            kept.append(row)
+            total += size
+        more = len(kept) < len(rows)
+        if not any(map(_withheld, kept)):
+            return PostPage(kept, more=more)
+        if not snapshot:
+            return PostPage([], more=more, needs_snapshot=True)
+        return PostPage(await self._with_bodies(kept, chunk_bytes=max_bytes // 4), more=more)
 
     def stream(
-        self, *, query: Query, full: bool, batch_size: int
+        self, *, query: Query, full: bool, batch_size: int, max_bytes: int
     ) -> AsyncGenerator[Sequence[PostRow]]:
         """Batches of rows from a server-side cursor, without tags (`tags_of` loads them
-        per batch); close it with contextlib.aclosing."""
-        stmt = seek(self._select(full=full, where=query.where), query.ordering, query.after)
-        return stream_partitions(self._session, stmt, batch_size=batch_size)
+        per batch); close it with contextlib.aclosing. A fetch of `batch_size` rows carries
+        bodies up to `inline_limit(batch_size)` bytes; a fetch with longer ones is cut into
+        batches of about `max_bytes`, whose bodies are read by id just before each goes
+        out, so a stream holds about one such batch of large bodies at a time."""
+        stmt = self._select(
+            full=full, where=query.where, inline_on_postgres=is_postgres(self._session)
+        )
+        stmt = seek(stmt, query.ordering, query.after)
+        return byte_bounded(
+            stream_partitions(
+                self._session,
+                stmt,
+                batch_size=batch_size,
+                params={"inline_limit": inline_limit(batch_size)},
+            ),
+            max_bytes=max_bytes,
+            size_of=lambda row: estimated_bytes(row, full=full),
+            incomplete=_withheld,
+            complete=lambda rows: self._with_bodies(rows, chunk_bytes=max_bytes),
+        )
+
+    async def _with_bodies(self, rows: Sequence[PostRow], *, chunk_bytes: int) -> list[PostRow]:
+        """The rows, those whose body was withheld completed with it (read by id, about
+        `chunk_bytes` per statement). Only inside the snapshot that read the rows."""
+        completed: list[Any] = list(rows)
+        pending = [i for i, row in enumerate(rows) if row.body is None]
+        while pending:
+            chunk: list[int] = []
+            total = 0
+            while pending and (not chunk or total + rows[pending[0]].body_bytes <= chunk_bytes):
+                total += rows[pending[0]].body_bytes
+                chunk.append(pending.pop(0))
+            found = await self._session.execute(
+                select(_P.id, _P.body).where(
+                    one_of(self._session, _P.id, [rows[i].id for i in chunk], BigInteger)
+                )
+            )
+            bodies: dict[int, str] = {post_id: body for post_id, body in found}
+            for i in chunk:
+                completed[i] = WithBody(rows[i], bodies[rows[i].id])
+        return completed
 
     async def tags_of(self, post_ids: Sequence[int]) -> dict[int, list[str]]:
         """Sorted tag names of each post, for a whole page or batch in one query."""

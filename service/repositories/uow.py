@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TypeVar
 
@@ -23,6 +24,7 @@ from service.db.errors import is_unavailable, translate
 from service.db.routing import strong_reads
 from service.errors import TransactionConflict
 from service.repositories.idempotency import IdempotencyRepository
+from service.repositories.locks import exclusive
 from service.repositories.posts import PostRepository
 from service.repositories.token_keys import TokenKeyRepository
 from service.repositories.users import UserRepository
@@ -91,6 +93,11 @@ class Store:
                 log.info("transaction conflict; attempt %d of %d", attempt + 1, RUN_ATTEMPTS)
             attempt += 1
             await asyncio.sleep(delay)
+
+    def exclusive(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """`async with store.exclusive("purge") as mine:` True in one process across all
+        replicas of the primary at a time (repositories/locks.py)."""
+        return exclusive(self._factories["write"], name)
 
 
 class UnitOfWork:

@@ -276,12 +276,37 @@ class UserRepository:
         )
         return stream_partitions(self._session, stmt, batch_size=batch_size)
 
-    async def purge_deleted(self, deleted_before: datetime) -> int:
-        """Hard-delete users soft-deleted before the cut-off (their posts go too)."""
-        result = await self._session.execute(
-            delete(users_table).where(_U.delete_time < deleted_before)
+    async def purge_deleted(self, deleted_before: datetime, *, limit: int) -> tuple[int, int]:
+        """One batch of the hard purge of users soft-deleted before the cut-off: up to
+        `limit` of their posts (tag links cascade), then, once those users have no posts
+        left, up to `limit` users. Returns (users, posts) deleted; (0, 0) when none is
+        due. Callers loop, one short transaction per batch. A user with more than `limit`
+        posts loses them over several batches, the user row last."""
+        posts = posts_table.c
+        due = (
+            (
+                await self._session.execute(
+                    select(_U.id)
+                    .where(_U.delete_time < deleted_before)
+                    .order_by(_U.id)
+                    .limit(limit)
+                )
+            )
+            .scalars()
+            .all()
         )
-        return int(getattr(result, "rowcount", 0) or 0)
+        if not due:
+            return 0, 0
+        theirs = select(posts.id).where(posts.author_id.in_(due)).limit(limit)
+        deleted = await self._session.execute(delete(posts_table).where(posts.id.in_(theirs)))
+        post_count = int(getattr(deleted, "rowcount", 0) or 0)
+        if post_count >= limit:
+            return 0, post_count  # maybe more posts of theirs: the users go in a later batch
+        # The cut-off again: a user undeleted meanwhile stays.
+        gone = await self._session.execute(
+            delete(users_table).where(_U.id.in_(due), _U.delete_time < deleted_before)
+        )
+        return int(getattr(gone, "rowcount", 0) or 0), post_count
 
     async def post_counts(self, user_ids: Sequence[int]) -> dict[int, int]:
         """Posts per user for a whole page or batch, in one aggregate query."""

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 from harness import Figures, served, sessions, stubs
 from test_signals import seed_posts, seed_users
 
@@ -122,9 +121,6 @@ async def test_cancelled_streams_and_passed_deadlines_leak_nothing(
     }, codes
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 8 items 4 and 5: pages and stream fetches bounded by bytes"
-)
 async def test_stalled_streams_and_big_pages_of_large_rows_stay_bounded(
     database: str, log_dir: Path, figures: Figures
 ) -> None:
@@ -166,7 +162,6 @@ async def test_stalled_streams_and_big_pages_of_large_rows_stay_bounded(
         f"RSS {start_rss:.0f} -> peak {peak:.0f} -> after {after:.0f} MB (bound +100 MB); "
         f"pages {codes}",
         passed=growth < 100 and after - start_rss < 100,
-        waits_for="issue 8 items 4 and 5 (pages and stream fetches bounded by bytes)",
     )
     assert codes == {"OK": 8}, codes
     assert growth < 100, (start_rss, peak)
