@@ -380,7 +380,7 @@ class _Cluster:
                 "-t",
                 str(int(STARTUP_TIMEOUT)),
                 "-o",
-                self.server_options(),
+                shlex.join(options),
                 "start",
                 timeout=STARTUP_TIMEOUT + 10,
             )
