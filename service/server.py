@@ -50,8 +50,17 @@ def server_options(settings: Settings, *, reuse_port: bool) -> list[tuple[str, i
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace * 1000)),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Keepalive enforcement (README "Operating it"): ping idle connections so a dead
+        # peer is noticed, and GOAWAY a client that pings more often than allowed.
+        ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.grpc_keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(settings.grpc_keepalive_min_ping_interval * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", 2),
     ]
 
 
