@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import text
@@ -34,8 +34,10 @@ class ReadinessMonitor:
         settings: Settings,
         servicer: health.aio.HealthServicer,
         services: Sequence[str],
+        on_change: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_change = on_change
         self._servicer = servicer
         self._services = tuple(services)
         # AUTOCOMMIT: the probe is one statement, so no BEGIN/ROLLBACK round trips and
@@ -70,6 +72,8 @@ class ReadinessMonitor:
             self.ready = ready
             for name in self._services:
                 await self._servicer.set(name, SERVING if ready else NOT_SERVING)
+                if self._on_change is not None:
+                    self._on_change(name, ready)
         return ready
 
     async def start(self) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from blog.v1 import post_pb2, user_pb2
 from service.api.posts import PostServicer
@@ -24,6 +24,8 @@ from service.db.migrations import SchemaState, describe_revisions, schema_status
 from service.health import NOT_SERVING, SERVING, ReadinessMonitor
 from service.maintenance import Purger
 from service.reload import FileReloader, TlsCertificates
+from service.observability.calls import Observability
+from service.observability.pool import instrument_pool
 from service.repositories.uow import Store
 from service.startup import command, describe_listen_failure, resolves
 from service.tokens import TokenCodec
@@ -77,6 +79,7 @@ class BlogServer:
     db: Database = field(init=False)
     store: Store = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
+    observability: Observability = field(init=False)
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _readiness: ReadinessMonitor | None = field(default=None, init=False)
     _purger: Purger | None = field(default=None, init=False)
@@ -85,8 +88,15 @@ class BlogServer:
 
     async def start(self, *, migrate: bool = False) -> None:
         settings = self.settings
+        self.observability = Observability.from_settings(settings)
         self.db = Database(settings)
         self.store = Store(self.db)
+        metrics = self.observability.metrics
+        if metrics is not None:
+            instrument_pool(self.db.engine, metrics, "primary", settings.db_max_overflow)
+            if self.db.read_engine is not self.db.engine:
+                instrument_pool(self.db.read_engine, metrics, "replica", settings.db_max_overflow)
+            metrics.stream_limit.set(settings.effective_stream_max_concurrent)
         try:
             await self._check_schema(migrate=migrate)
             tokens = await self._token_codec()
@@ -116,10 +126,13 @@ class BlogServer:
             ]
         )
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # Health and reflection are counted (and logged at DEBUG) like every call.
+        observed = self.observability.observed(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, observed)  # type: ignore[arg-type]
         if settings.reflection:
-            reflection.enable_server_reflection(
-                (*READINESS_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            names = (*READINESS_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+                reflection.aio.ReflectionServicer(names), observed
             )
         try:
             self.port = self._bind(server)
@@ -127,11 +140,23 @@ class BlogServer:
             await self.db.dispose()
             raise
         self._server = server
+        self.observability.start()
         await server.start()
         await self.health.set("", SERVING)
         for name in READINESS_SERVICES:
             await self.health.set(name, NOT_SERVING)
-        self._readiness = ReadinessMonitor(settings, self.health, READINESS_SERVICES)
+        readiness_changed = None
+        if metrics is not None:
+            gauge = metrics.readiness
+
+            def readiness_changed(name: str, ready: bool) -> None:
+                gauge.labels(name).set(1 if ready else 0)
+
+            for name in READINESS_SERVICES:
+                gauge.labels(name).set(0)
+        self._readiness = ReadinessMonitor(
+            settings, self.health, READINESS_SERVICES, on_change=readiness_changed
+        )
         await self._readiness.start()
         self._purger = Purger(settings, self.store)
         self._purger.start()
@@ -226,6 +251,7 @@ class BlogServer:
             await self._server.stop(grace)
             self._server = None
         await self.db.dispose()
+        await self.observability.stop()
 
 
 def _freeze_heap() -> None:
