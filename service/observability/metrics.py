@@ -277,6 +277,11 @@ def multiprocess_registry(
     return registry
 
 
+def mark_process_dead(pid: int, path: str) -> None:
+    """A worker ended: drop its live gauges' files (the `live*` multiprocess modes)."""
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """METRICS_LISTEN `host:port`, `[v6]:port` or `:port` -> (host, port)."""
     host, _, port = listen.rpartition(":")

@@ -1,8 +1,10 @@
 """Pool metrics: size, checked out, overflow, waits and wait time, set when they change.
 
-Pool events keep the gauges current (multi-process mode has no collect-time
-callbacks); the time to get a connection is measured around the pool's own
-`_do_get`, the one place every checkout passes.
+The gauges are set as connections leave and return (multi-process mode has no
+collect-time callbacks), and the time to get a connection is measured, around the
+pool's own `_do_get` and `_return_conn`, the two places every checkout and return
+pass. (`engine.dispose()` makes a new pool without them: the server disposes only
+at shutdown.)
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
@@ -30,15 +31,16 @@ def instrument_pool(engine: AsyncEngine, metrics: Metrics, name: str, max_overfl
     waits = metrics.pool_waits.labels(name)
     wait_seconds = metrics.pool_wait_seconds.labels(name)
 
-    def update(*_: Any) -> None:
+    def update() -> None:
         checked_out.set(pool.checkedout())
         overflow.set(max(0, pool.overflow()))
 
-    for name_of_event in ("checkout", "checkin", "close", "close_detached", "invalidate"):
-        event.listen(pool, name_of_event, update)
     update()
-
+    # Pool events fire before the pool's own bookkeeping (a "checkin" listener still
+    # sees the connection checked out), so the gauges are set after the two methods
+    # every checkout and return pass through.
     do_get = pool._do_get
+    return_conn = pool._return_conn
 
     def timed_do_get() -> Any:
         if pool.checkedout() >= limit:
@@ -48,5 +50,13 @@ def instrument_pool(engine: AsyncEngine, metrics: Metrics, name: str, max_overfl
             return do_get()
         finally:
             wait_seconds.observe(time.perf_counter() - started)
+            update()
+
+    def counted_return_conn(record: Any) -> None:
+        try:
+            return_conn(record)
+        finally:
+            update()
 
     pool._do_get = timed_do_get  # type: ignore[method-assign]
+    pool._return_conn = counted_return_conn  # type: ignore[method-assign]
