@@ -23,9 +23,10 @@ from service.db.engine import Database
 from service.db.migrations import SchemaState, describe_revisions, schema_status, upgrade
 from service.health import NOT_SERVING, SERVING, ReadinessMonitor
 from service.maintenance import Purger
-from service.reload import FileReloader, TlsCertificates
 from service.observability.calls import Observability
 from service.observability.pool import instrument_pool
+from service.observability.tracing import Tracing
+from service.reload import FileReloader, TlsCertificates
 from service.repositories.uow import Store
 from service.startup import command, describe_listen_failure, resolves
 from service.tokens import TokenCodec
@@ -76,6 +77,9 @@ class BlogServer:
     settings: Settings
     reuse_port: bool = False
     port: int = 0
+    # Tracing set up by the caller (tests: an in-memory exporter); by default from
+    # the environment (OTEL_EXPORTER_OTLP_ENDPOINT).
+    tracing: Tracing | None = None
     db: Database = field(init=False)
     store: Store = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
@@ -88,10 +92,10 @@ class BlogServer:
 
     async def start(self, *, migrate: bool = False) -> None:
         settings = self.settings
-        self.observability = Observability.from_settings(settings)
-        self.db = Database(settings)
-        self.store = Store(self.db)
+        self.observability = Observability.from_settings(settings, tracing=self.tracing)
         metrics = self.observability.metrics
+        self.db = Database(settings)
+        self.store = Store(self.db, on_error=metrics.count_db_error if metrics else None)
         if metrics is not None:
             instrument_pool(self.db.engine, metrics, "primary", settings.db_max_overflow)
             if self.db.read_engine is not self.db.engine:
@@ -103,7 +107,10 @@ class BlogServer:
         except BaseException:
             await self.db.dispose()
             raise
-        streams = StreamLimiter(settings.effective_stream_max_concurrent)
+        streams = StreamLimiter(
+            settings.effective_stream_max_concurrent,
+            metrics.active_streams if metrics is not None else None,
+        )
         try:
             authenticator = Authenticator.from_file(settings.auth_tokens_file)
         except BaseException:
@@ -115,6 +122,9 @@ class BlogServer:
         factory = HandlerFactory(
             authenticator=authenticator,
             idle_timeout=settings.stream_idle_timeout,
+            observability=self.observability,
+            default_call_timeout=settings.default_call_timeout,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         users = UserServicer(store=self.store, tokens=tokens, streams=streams, settings=settings)
         posts = PostServicer(store=self.store, tokens=tokens, streams=streams, settings=settings)

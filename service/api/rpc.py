@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,7 +23,24 @@ from google.protobuf.message_factory import GetMessageClass
 
 from service.api.convert import etag_of
 from service.auth import ANONYMOUS, Authenticator
-from service.errors import Aborted, DomainError, EtagMismatch, Internal, InvalidArgument, abort
+from service.errors import (
+    Aborted,
+    CallTimeout,
+    DeadlineExceeded,
+    DomainError,
+    EtagMismatch,
+    Internal,
+    InvalidArgument,
+    Overloaded,
+    abort,
+)
+from service.observability.calls import (
+    SERVER_STREAM,
+    UNARY,
+    MethodObserver,
+    Observability,
+    code_after,
+)
 
 log = logging.getLogger("service.rpc")
 
@@ -34,17 +50,26 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class Call:
     """What a servicer method gets besides its request: the caller and the stream writer."""
 
-    __slots__ = ("_idle_timeout", "caller", "context", "method")
+    __slots__ = ("_idle_timeout", "_observer", "caller", "context", "method")
 
-    def __init__(self, context: Context, method: str, caller: str, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        context: Context,
+        method: str,
+        caller: str,
+        idle_timeout: float,
+        observer: MethodObserver | None = None,
+    ) -> None:
         self.context = context
         self.method = method
         self.caller = caller
         self._idle_timeout = idle_timeout
+        self._observer = observer
 
-    async def send(self, message: protobuf_message.Message) -> None:
-        """Write one stream message; a client that reads nothing for the idle timeout is
-        ended with ABORTED STREAM_STALLED (its last resume token still works)."""
+    async def send(self, message: protobuf_message.Message, rows: int = 0) -> None:
+        """Write one stream message (of `rows` rows); a client that reads nothing for the
+        idle timeout is ended with ABORTED STREAM_STALLED (its last resume token still
+        works)."""
         try:
             await asyncio.wait_for(self.context.write(message), self._idle_timeout)
         except TimeoutError:
@@ -60,6 +85,19 @@ class Call:
             # handler as a cancellation (the wrapper logs it as CANCELLED), not as an
             # INTERNAL error with a traceback in the log.
             raise asyncio.CancelledError(f"stream write failed: {error!r}") from error
+        if self._observer is not None:
+            self._observer.sent(rows)
+
+
+class CallLimiter:
+    """MAX_CONCURRENT_RPCS: calls in flight beyond the limit are shed at once
+    (RESOURCE_EXHAUSTED OVERLOADED), not queued. Health and reflection never pass here."""
+
+    __slots__ = ("in_flight", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
 
 
 def _snake(name: str) -> str:
@@ -78,9 +116,20 @@ def parse(message_class: type[protobuf_message.Message], data: bytes) -> Any:
 class HandlerFactory:
     """Builds generic handlers for a service descriptor from a servicer's snake_case methods."""
 
-    def __init__(self, *, authenticator: Authenticator, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        authenticator: Authenticator,
+        idle_timeout: float,
+        observability: Observability,
+        default_call_timeout: float = 30.0,
+        max_concurrent_rpcs: int | None = None,
+    ) -> None:
         self._auth = authenticator
         self._idle_timeout = idle_timeout
+        self._observability = observability
+        self._default_timeout = default_call_timeout
+        self._limiter = CallLimiter(max_concurrent_rpcs) if max_concurrent_rpcs else None
 
     def service(self, descriptor: ServiceDescriptor, servicer: object) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -113,53 +162,89 @@ class HandlerFactory:
         *,
         streaming: bool,
     ) -> Callable[[bytes, Context], Awaitable[Any]]:
+        """The handler of one method: where each call's metrics, access-log line and
+        server span begin and end (service/observability), its deadline is applied,
+        and overload is shed."""
         auth = self._auth
         idle_timeout = self._idle_timeout
+        default_timeout = self._default_timeout
+        limiter = self._limiter
+        observer = self._observability.method(method, SERVER_STREAM if streaming else UNARY)
+        OK = grpc.StatusCode.OK
 
         async def handle(data: bytes, context: Context) -> Any:
-            started = time.perf_counter()
+            metadata = context.invocation_metadata() or ()
+            record = observer.begin(context, metadata)
             caller = "-"
+            code = OK
+            reason = ""
+            admitted = False
             try:
-                caller = auth.caller(context.invocation_metadata()) if auth.enabled else ANONYMOUS
+                if limiter is not None:
+                    if limiter.in_flight >= limiter.limit:
+                        observer.shed()
+                        raise Overloaded(
+                            f"more than {limiter.limit} calls in flight; retry after a pause"
+                        )
+                    limiter.in_flight += 1
+                    admitted = True
+                caller = auth.caller(metadata) if auth.enabled else ANONYMOUS
                 request = parse(request_class, data)
-                call = Call(context, method, caller, idle_timeout)
-                result = await impl(request, call)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug(
-                        "%s OK caller=%s %.1fms",
-                        method,
-                        caller,
-                        (time.perf_counter() - started) * 1000,
-                    )
-                return None if streaming else result
+                call = Call(context, method, caller, idle_timeout, observer)
+                if streaming:
+                    # A stream ends when the client's deadline passes or it cancels; it
+                    # gets no default timeout (a long export may run for hours).
+                    await impl(request, call)
+                    return None
+                return await _bounded(impl(request, call), context, default_timeout)
             except asyncio.CancelledError as cancelled:
                 # grpc.aio cancelled the task (the client cancelled, its deadline passed
                 # or its connection dropped), or a stream write failed (`Call.send`):
-                # nobody is left to answer. Log it, and let the cancellation end the task.
-                log.info(
-                    "%s CANCELLED caller=%s %.1fms%s",
-                    method,
-                    caller,
-                    (time.perf_counter() - started) * 1000,
-                    f" ({cancelled.args[0]})" if cancelled.args else "",
-                )
+                # nobody is left to answer. The access line says CANCELLED (or
+                # DEADLINE_EXCEEDED); the cancellation ends the task and its finally
+                # blocks give the connection back.
+                code = code_after(context, cancelled)
+                if cancelled.args and log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s %s (%s)", method, code.name, cancelled.args[0])
                 raise
             except DomainError as error:
                 if isinstance(error, EtagMismatch) and error.current_version is not None:
                     error.metadata["current_etag"] = etag_of(error.current_version)
-                log.info(
-                    "%s %s reason=%s caller=%s %.1fms",
-                    method,
-                    error.code.name,
-                    error.reason,
-                    caller,
-                    (time.perf_counter() - started) * 1000,
-                )
-                await abort(context, error)
+                code, reason = error.code, error.reason
+                await abort(context, error, record.trailing_metadata)
             except Exception:
                 error_id = uuid.uuid4().hex
+                code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
                 log.exception("%s INTERNAL error_id=%s caller=%s", method, error_id, caller)
-                await abort(context, Internal(error_id))
+                await abort(context, Internal(error_id), record.trailing_metadata)
+            finally:
+                if admitted:
+                    limiter.in_flight -= 1  # type: ignore[union-attr]
+                observer.end(record, context, code, reason, caller)
             return None
 
         return handle
+
+
+async def _bounded(work: Awaitable[Any], context: Context, default_timeout: float) -> Any:
+    """Run a unary call within the client's deadline, or DEFAULT_CALL_TIMEOUT without one.
+
+    The deadline bounds everything the call waits for: a pool connection (the wait
+    ends at the deadline or at DB_POOL_TIMEOUT, whichever is first) and each
+    statement. When it passes, the cancellation reaches asyncpg, which cancels the
+    statement on the server (a CancelRequest) before the connection is given back."""
+    remaining = context.time_remaining()
+    own = remaining is None or remaining > default_timeout
+    timeout = default_timeout if own else remaining
+    try:
+        async with asyncio.timeout(timeout) as scope:
+            return await work
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        if own:
+            raise CallTimeout(
+                f"the call ran for DEFAULT_CALL_TIMEOUT ({default_timeout:g}s) without a "
+                "client deadline"
+            ) from None
+        raise DeadlineExceeded("the client's deadline passed") from None

@@ -7,6 +7,7 @@ from contextlib import aclosing, contextmanager
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
+from prometheus_client import Gauge
 
 from service.api.rpc import Call
 from service.errors import ResourceExhausted
@@ -15,11 +16,14 @@ M = TypeVar("M", bound=Message)
 
 
 class StreamLimiter:
-    """At most `limit` streams at once; the next one is RESOURCE_EXHAUSTED, not queued."""
+    """At most `limit` streams at once; the next one is RESOURCE_EXHAUSTED, not queued.
 
-    def __init__(self, limit: int) -> None:
+    `gauge` (blog_active_streams) is set as the count changes."""
+
+    def __init__(self, limit: int, gauge: Gauge | None = None) -> None:
         self.limit = limit
         self.active = 0
+        self._gauge = gauge
 
     @contextmanager
     def slot(self) -> Iterator[None]:
@@ -28,10 +32,14 @@ class StreamLimiter:
                 f"too many concurrent streams (limit {self.limit}); retry later"
             )
         self.active += 1
+        if self._gauge is not None:
+            self._gauge.set(self.active)
         try:
             yield
         finally:
             self.active -= 1
+            if self._gauge is not None:
+                self._gauge.set(self.active)
 
 
 async def send_batches(
@@ -61,7 +69,7 @@ async def send_batches(
 
     async def flush(message: M, last: Any) -> None:
         message.resume_token = token_of(last)  # type: ignore[attr-defined]
-        await call.send(message)
+        await call.send(message, rows=len(getattr(message, rows_field)))
 
     async with aclosing(batches):
         async for rows in batches:

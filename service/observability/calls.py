@@ -31,7 +31,12 @@ from service.observability.access_log import (
     log_call,
     valid_request_id,
 )
-from service.observability.metrics import Metrics, MetricsServer, multiprocess_dir
+from service.observability.metrics import (
+    GRPC_CODE_LABELS,
+    Metrics,
+    MetricsServer,
+    multiprocess_dir,
+)
 from service.observability.tracing import Tracing, trace_id_of
 
 log = logging.getLogger(__name__)
@@ -73,7 +78,9 @@ class MethodObserver:
         "_level",
         "_log",
         "_received",
+        "_rows",
         "_sent",
+        "_shed",
         "_started",
         "_tracing",
         "grpc_type",
@@ -97,6 +104,8 @@ class MethodObserver:
         self._received: Any = None
         self._sent: Any = None
         self._latency: Any = None
+        self._rows: Any = None
+        self._shed: Any = None
         if metrics is not None:
             service, _, name = method.lstrip("/").partition("/")
             labels = (grpc_type, service, name)
@@ -104,6 +113,8 @@ class MethodObserver:
             self._received = metrics.msg_received.labels(*labels)
             self._sent = metrics.msg_sent.labels(*labels)
             self._latency = metrics.handling_seconds.labels(*labels)
+            self._rows = metrics.stream_rows_sent.labels(service, name)
+            self._shed = metrics.shed.labels(service, name)
             self._handled = metrics.handled.labels  # by code, cached in end()
             self._handled_labels = labels
 
@@ -131,10 +142,17 @@ class MethodObserver:
         if self._received is not None:
             self._received.inc()
 
-    def sent(self) -> None:
-        """One more response message on a stream."""
+    def sent(self, rows: int = 0) -> None:
+        """One more response message on a stream (carrying `rows` rows)."""
         if self._sent is not None:
             self._sent.inc()
+            if rows:
+                self._rows.inc(rows)
+
+    def shed(self) -> None:
+        """The call is refused: MAX_CONCURRENT_RPCS calls are in flight."""
+        if self._shed is not None:
+            self._shed.inc()
 
     def end(
         self,
@@ -153,7 +171,7 @@ class MethodObserver:
         if self._started is not None:
             handled = self._handled_children.get(code)
             if handled is None:
-                handled = self._handled(*self._handled_labels, code.name)
+                handled = self._handled(*self._handled_labels, GRPC_CODE_LABELS[code])
                 self._handled_children[code] = handled
             handled.inc()
             if trace_id and self._exemplars and span.get_span_context().trace_flags.sampled:
@@ -257,7 +275,7 @@ class Observability:
         self._lag: EventLoopLag | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Observability:
+    def from_settings(cls, settings: Settings, tracing: Tracing | None = None) -> Observability:
         """Metrics when METRICS_LISTEN is set (or this is a worker of `serve --workers N`
         whose parent serves them), tracing when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
         metrics = (
@@ -265,7 +283,9 @@ class Observability:
             if settings.metrics_listen is not None or multiprocess_dir() is not None
             else None
         )
-        return cls(settings, metrics=metrics, tracing=Tracing.from_environment())
+        if tracing is None:
+            tracing = Tracing.from_environment()
+        return cls(settings, metrics=metrics, tracing=tracing)
 
     @property
     def metrics_port(self) -> int | None:
@@ -291,7 +311,9 @@ class Observability:
             self.metrics_server.close()
             self.metrics_server = None
         if self.tracing is not None:
-            self.tracing.shutdown()
+            # Flushing the last spans blocks on the exporter (up to its timeout when the
+            # collector is away): not on the event loop.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     def observed(self, server: grpc.aio.Server) -> ObservedRegistrar:
         """A stand-in for `server` to pass to `add_*Servicer_to_server`: each handler it

@@ -4,7 +4,8 @@ Names and labels follow go-grpc-middleware's prometheus interceptors
 (`grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`,
 `grpc_server_handling_seconds`, `grpc_server_msg_received_total`,
 `grpc_server_msg_sent_total`, each with `grpc_type`, `grpc_service`,
-`grpc_method`), so the standard dashboards and alerts work unchanged.
+`grpc_method`), so the standard dashboards and alerts work unchanged; `grpc_code`
+is spelt as Go spells it there (`OK`, `NotFound`, `Canceled`, `DeadlineExceeded`).
 
 One process (`serve`): a registry of its own per server, served by a thread on
 METRICS_LISTEN, with process metrics and, when tracing is on, trace-id exemplars.
@@ -23,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import grpc
 import prometheus_client
 from prometheus_client import (
     CollectorRegistry,
@@ -34,6 +36,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from sqlalchemy import exc as sa_exc
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -70,6 +73,19 @@ SQLSTATE_CLASSES = {
     "58": "system_error",
     "XX": "internal_error",
 }
+
+
+def go_code_name(code: grpc.StatusCode) -> str:
+    """A status code as go-grpc-middleware labels it (Go's `codes.Code.String()`):
+    `OK`, `Canceled`, `InvalidArgument`, `DeadlineExceeded`, ..."""
+    if code is grpc.StatusCode.CANCELLED:
+        return "Canceled"
+    if code is grpc.StatusCode.OK:
+        return "OK"
+    return "".join(word.capitalize() for word in code.name.split("_"))
+
+
+GRPC_CODE_LABELS = {code: go_code_name(code) for code in grpc.StatusCode}
 
 
 def multiprocess_dir() -> str | None:
@@ -217,6 +233,20 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._errors_lock = threading.Lock()
+
+    def count_db_error(self, error: BaseException) -> None:
+        """Count what a unit of work ended with, if the database raised it (a domain
+        error such as NOT_FOUND is no database error)."""
+        sqlstate = sqlstate_of(error)
+        if sqlstate is not None:
+            self.db_error(sqlstate)
+        elif isinstance(error, sa_exc.TimeoutError):
+            self.db_error(None, "pool_timeout")
+        elif isinstance(error, sa_exc.DBAPIError):
+            sqlite = "sqlite" in type(error.orig).__module__ if error.orig is not None else False
+            self.db_error(None, "sqlite" if sqlite else "connection")
+        elif isinstance(error, OSError | ConnectionError):
+            self.db_error(None, "connection")
 
     def db_error(self, sqlstate: str | None, kind: str | None = None) -> None:
         """Count one database error: by its SQLSTATE class, or by `kind` when it has none."""

@@ -82,7 +82,9 @@ class Tracing:
     """A tracer provider, the asyncpg instrumentation, and the server span of a call."""
 
     def __init__(self, exporter: SpanExporter, *, batch: bool = True) -> None:
-        resource = Resource.create({"service.name": SERVICE_NAME})  # OTEL_* override
+        resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
         # The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based, always on).
         self.provider = TracerProvider(resource=resource)
         processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)

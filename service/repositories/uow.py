@@ -37,20 +37,28 @@ _BACKOFF_CAP = 0.25
 
 
 class Store:
-    """Where units of work come from: the servicers' one way down to the database."""
+    """Where units of work come from: the servicers' one way down to the database.
 
-    __slots__ = ("_factories",)
+    `on_error` sees every exception a unit of work ends with, before it is translated
+    (the metrics count database errors by SQLSTATE class there)."""
 
-    def __init__(self, database: Database) -> None:
+    __slots__ = ("_factories", "_on_error")
+
+    def __init__(
+        self, database: Database, *, on_error: Callable[[BaseException], None] | None = None
+    ) -> None:
         self._factories = {
             mode: database.session_factory(mode) for mode in ("write", "read", "snapshot")
         }
+        self._on_error = on_error
 
     def unit_of_work(self, mode: Mode = "write") -> UnitOfWork:
         """A unit of work in one of three modes (db/engine.py: SessionFactories): `write`
         (a read-write transaction), `read` (autocommit: single-statement reads, nothing
         to commit), `snapshot` (several reads that see one snapshot)."""
-        return UnitOfWork(self._factories[mode], transaction=mode != "read")
+        return UnitOfWork(
+            self._factories[mode], transaction=mode != "read", on_error=self._on_error
+        )
 
     async def run(
         self,
@@ -93,6 +101,7 @@ class UnitOfWork:
     __slots__ = (
         "_factory",
         "_idempotency",
+        "_on_error",
         "_posts",
         "_session",
         "_token_keys",
@@ -101,8 +110,15 @@ class UnitOfWork:
         "_wants_transaction",
     )
 
-    def __init__(self, factory: async_sessionmaker[AsyncSession], *, transaction: bool) -> None:
+    def __init__(
+        self,
+        factory: async_sessionmaker[AsyncSession],
+        *,
+        transaction: bool,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._factory = factory
+        self._on_error = on_error
         self._wants_transaction = transaction
         self._transaction: AsyncSessionTransaction | None = None
         self._users: UserRepository | None = None
@@ -148,11 +164,15 @@ class UnitOfWork:
                         await session.invalidate()
                 await session.__aexit__(exc_type, exc, traceback)  # close, shielded
         except Exception as error:
+            if self._on_error is not None:
+                self._on_error(error)
             domain = translate(error)
             if domain is None:
                 raise
             raise domain from error
         if failure is not None:
+            if self._on_error is not None:
+                self._on_error(failure)
             domain = translate(failure)
             if domain is not None:
                 raise domain from failure

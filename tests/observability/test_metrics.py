@@ -9,7 +9,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from blog.v1 import user_pb2
 from conftest import Backend, running_server, settings_for
+from factories import create_user_request, unique
 from support.metrics import call_labels, scrape
 
 HEALTH = "grpc.health.v1.Health"
@@ -44,7 +46,7 @@ async def test_health_and_reflection_are_counted(backend: Backend) -> None:
     check = call_labels(HEALTH, "Check")
     assert delta("grpc_server_started_total", **check) == 4
     assert delta("grpc_server_handled_total", **check, grpc_code="OK") == 3
-    assert delta("grpc_server_handled_total", **check, grpc_code="NOT_FOUND") == 1
+    assert delta("grpc_server_handled_total", **check, grpc_code="NotFound") == 1
     assert delta("grpc_server_msg_received_total", **check) == 4
     assert delta("grpc_server_msg_sent_total", **check) == 3
     assert delta("grpc_server_handling_seconds_count", **check) == 4
@@ -85,3 +87,59 @@ async def test_metrics_are_off_without_metrics_listen(backend: Backend) -> None:
     async with running_server(settings_for(backend.url)) as live:
         assert live.server.observability.metrics is None
         assert live.server.observability.metrics_port is None
+
+
+USERS = "blog.v1.UserService"
+
+
+async def test_service_calls_are_counted_by_method_type_and_code(backend: Backend) -> None:
+    settings = settings_for(backend.url, metrics_listen="127.0.0.1:0", stream_batch_rows=2)
+    async with running_server(settings) as live:
+        port = live.server.observability.metrics_port
+        assert port is not None
+        marker = unique("m")
+        created = [
+            await live.users.CreateUser(create_user_request(display_name=f"{marker} {i}"))
+            for i in range(5)
+        ]
+        before = await scrape(port)
+        for user in created[:3]:
+            await live.users.GetUser(user_pb2.GetUserRequest(id=user.id))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await live.users.GetUser(user_pb2.GetUserRequest(id=2**62))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await live.users.GetUser(user_pb2.GetUserRequest(id=-1))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        messages = [
+            m
+            async for m in live.users.StreamUsers(
+                user_pb2.StreamUsersRequest(filter=f'display_name:"{marker}"')
+            )
+        ]
+        assert [len(m.users) for m in messages] == [2, 2, 1]
+        after = await scrape(port)
+
+    def delta(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    get = call_labels(USERS, "GetUser")
+    assert delta("grpc_server_started_total", **get) == 5
+    assert delta("grpc_server_msg_received_total", **get) == 5
+    assert delta("grpc_server_handled_total", **get) == 5
+    assert delta("grpc_server_handled_total", **get, grpc_code="OK") == 3
+    assert delta("grpc_server_handled_total", **get, grpc_code="NotFound") == 1
+    assert delta("grpc_server_handled_total", **get, grpc_code="InvalidArgument") == 1
+    assert delta("grpc_server_msg_sent_total", **get) == 3
+    assert delta("grpc_server_handling_seconds_count", **get) == 5
+    # Nothing else moved for GetUser's neighbours.
+    assert delta("grpc_server_started_total", **call_labels(USERS, "CreateUser")) == 0
+
+    stream = call_labels(USERS, "StreamUsers", "server_stream")
+    assert delta("grpc_server_started_total", **stream) == 1
+    assert delta("grpc_server_handled_total", **stream, grpc_code="OK") == 1
+    assert delta("grpc_server_msg_received_total", **stream) == 1
+    assert delta("grpc_server_msg_sent_total", **stream) == 3
+    assert delta("blog_stream_rows_sent_total", grpc_method="StreamUsers") == 5
+    assert after.value("blog_active_streams") == 0
+    assert after.value("blog_db_pool_checked_out", pool="primary") == 0
