@@ -160,7 +160,7 @@ def _worker(overrides: dict[str, Any], index: int, command: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns ^C into SIGTERM
     startup.set_command(command)
     settings = Settings(**overrides)
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, access_log=settings.access_log)
     _serve(settings, migrate=False, reuse_port=True)
 
 
@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, access_log=settings.access_log)
     # Multi-process metrics are the business of `serve --workers N` alone: a variable
     # inherited from elsewhere would make a single server write files nobody serves.
     os.environ.pop(MULTIPROC_ENV, None)

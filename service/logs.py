@@ -25,7 +25,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure(level: str, fmt: str) -> None:
+def configure(level: str, fmt: str, *, access_log: bool = False) -> None:
+    """The root handler and level; with `access_log` the access log (logger
+    `service.access`, one INFO line per call) is on whatever LOG_LEVEL says, so
+    LOG_LEVEL=WARNING quiets the rest without losing it."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -38,3 +41,4 @@ def configure(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # Alembic announces each of its plugins at INFO on every migrate; keep the rest.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    logging.getLogger("service.access").setLevel(logging.INFO if access_log else logging.WARNING)

@@ -30,6 +30,9 @@ REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[!#-~]{1,128}")
 
 
+_MESSAGE = "%s %s reason=%s duration_ms=%.3f caller=%s peer=%s request_id=%s trace_id=%s"
+
+
 def valid_request_id(value: object) -> bool:
     return isinstance(value, str) and _REQUEST_ID.fullmatch(value) is not None
 
@@ -56,16 +59,16 @@ def log_call(
         "request_id": request_id,
         "trace_id": trace_id,
     }
-    access_log.log(
+    # makeRecord + handle is Logger.log without its stack walk for the caller's file and
+    # line (findCaller), which would always name this function anyway.
+    record = access_log.makeRecord(
+        access_log.name,
         level,
-        "%s %s reason=%s duration_ms=%.3f caller=%s peer=%s request_id=%s trace_id=%s",
-        method,
-        code,
-        reason or "-",
-        duration_ms,
-        caller,
-        peer,
-        request_id,
-        trace_id or "-",
+        __file__,
+        0,
+        _MESSAGE,
+        (method, code, reason or "-", duration_ms, caller, peer, request_id, trace_id or "-"),
+        None,
         extra={"access": fields},
     )
+    access_log.handle(record)

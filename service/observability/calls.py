@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -126,7 +126,7 @@ class MethodObserver:
                 request_id = value
                 break
         if not request_id or not valid_request_id(request_id):
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(16).hex()
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         if self._started is not None:
             self._started.inc()
