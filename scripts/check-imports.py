@@ -38,7 +38,19 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
         "errors and config are leaves every layer uses",
     ),
     (
-        ("service.tokens", "service.filtering", "service.auth", "service.logs", "service.startup"),
+        ("service.observability",),
+        ("blog", "service.api", "service.repositories", "service.db", "service.server"),
+        "observability is set up once and handed to the layers; it knows none of them",
+    ),
+    (
+        (
+            "service.tokens",
+            "service.filtering",
+            "service.auth",
+            "service.logs",
+            "service.startup",
+            "service.tasks",
+        ),
         ("service.api", "service.repositories", "service.db", "service.server"),
         "helpers below every layer import only the leaves",
     ),
