@@ -4,7 +4,6 @@ USER_RETENTION_DAYS is set) users soft-deleted longer ago than that."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import timedelta
 
@@ -12,6 +11,7 @@ from service.config import Settings
 from service.db.types import utcnow
 from service.errors import Unavailable
 from service.repositories.uow import Store
+from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,5 @@ class Purger:
                 log.exception("purge failed")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

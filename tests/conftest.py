@@ -126,17 +126,24 @@ async def backend(
     request: pytest.FixtureRequest, postgres: PostgresServer
 ) -> AsyncIterator[Backend]:
     if request.param == "postgresql":
-        url = postgres.create_database()
-        try:
-            await _migrate(url)
+        async with postgres_database(postgres) as url:
             yield Backend("postgresql", url)
-        finally:
-            postgres.drop_database(url)
     else:
         with tempfile.TemporaryDirectory(prefix="blogtest-") as directory:
             url = f"sqlite+aiosqlite:///{Path(directory) / 'blog.db'}"
             await _migrate(url)
             yield Backend("sqlite", url)
+
+
+@asynccontextmanager
+async def postgres_database(postgres: PostgresServer) -> AsyncIterator[str]:
+    """A migrated PostgreSQL database made for the caller, dropped afterwards."""
+    url = postgres.create_database()
+    try:
+        await _migrate(url)
+        yield url
+    finally:
+        postgres.drop_database(url)
 
 
 async def _migrate(url: str) -> None:

@@ -14,7 +14,6 @@ every few seconds per pod would otherwise be most of the log).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
@@ -38,6 +37,7 @@ from service.observability.metrics import (
     multiprocess_dir,
 )
 from service.observability.tracing import Tracing, trace_id_of
+from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +246,8 @@ class EventLoopLag:
             self._gauge.set(max(0.0, loop.time() - before - self._interval))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 class Observability:

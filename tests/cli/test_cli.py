@@ -282,6 +282,17 @@ def _workers_of(pid: int) -> list[psutil.Process]:
     return workers
 
 
+def _spread_channels(port: int, count: int = 16) -> list[grpc.aio.Channel]:
+    """Many connections (a local subchannel pool each, or gRPC would share one): the
+    kernel spreads them over both SO_REUSEPORT sockets."""
+    return [
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(count)
+    ]
+
+
 def _serves_connections(process: psutil.Process, port: int) -> bool:
     return any(
         c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
@@ -295,14 +306,7 @@ async def test_workers_share_the_port_and_stop_together(launcher: Launcher) -> N
     await wait_serving(proc)
     workers = _workers_of(proc.pid)
     assert len(workers) == 2, [w.cmdline() for w in workers]
-    # Many connections (a local subchannel pool each, or gRPC would share one): the
-    # kernel spreads them over both SO_REUSEPORT sockets.
-    channels = [
-        grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        for _ in range(16)
-    ]
+    channels = _spread_channels(port)
     try:
         await asyncio.gather(*(create_and_get(c) for c in channels))
         assert all(_serves_connections(w, port) for w in workers), "a worker served nothing"
@@ -368,12 +372,7 @@ async def test_workers_metrics_one_scrape_sees_every_worker(
     assert len(workers) == 2
     assert next(p.name for p in scratch.iterdir()).startswith("blog-metrics-")
     before = await scrape(metrics_port)
-    channels = [
-        grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        for _ in range(16)
-    ]
+    channels = _spread_channels(port)
     try:
         await asyncio.gather(*(create_and_get(c) for c in channels))
         await asyncio.gather(

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blog.v1 import user_pb2
-from conftest import Backend, Running, _migrate, running_server, settings_for
+from conftest import Backend, Running, postgres_database, running_server, settings_for
 from errors import rich
 from factories import create_user_request
 from support.locks import row_locked, waiting_statements
@@ -47,12 +47,8 @@ async def _settled(live: Running, url: str, within: float = 1.0) -> float:
 @pytest.fixture(scope="module")
 async def postgres_only(postgres: PostgresServer) -> AsyncIterator[Backend]:
     """A PostgreSQL database of its own: row locks and pg_stat_activity are PostgreSQL's."""
-    url = postgres.create_database()
-    try:
-        await _migrate(url)
+    async with postgres_database(postgres) as url:
         yield Backend("postgresql", url)
-    finally:
-        postgres.drop_database(url)
 
 
 async def test_a_passed_deadline_cancels_the_statement_on_the_server(
