@@ -50,6 +50,7 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
             "service.logs",
             "service.startup",
             "service.tasks",
+            "service.deadline",
         ),
         ("service.api", "service.repositories", "service.db", "service.server"),
         "helpers below every layer import only the leaves",

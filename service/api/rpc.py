@@ -23,6 +23,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from service.api.convert import etag_of
 from service.auth import ANONYMOUS, Authenticator
+from service.deadline import CURRENT_CALL, CallScope
 from service.errors import (
     Aborted,
     CallTimeout,
@@ -226,25 +227,70 @@ class HandlerFactory:
         return handle
 
 
+# The server gives up this much before the client's deadline (a quarter of a short
+# one), so its CancelRequest and ROLLBACK finish before grpc.aio cancels the handler
+# at the deadline itself (which would make SQLAlchemy discard the connection).
+DEADLINE_MARGIN = 0.05
+# How long a cancelled statement may take to end before the call's task is cancelled.
+CANCEL_GRACE = 1.0
+
+
 async def _bounded(work: Awaitable[Any], context: Context, default_timeout: float) -> Any:
     """Run a unary call within the client's deadline, or DEFAULT_CALL_TIMEOUT without one.
 
-    The deadline bounds everything the call waits for: a pool connection (the wait
-    ends at the deadline or at DB_POOL_TIMEOUT, whichever is first) and each
-    statement. When it passes, the cancellation reaches asyncpg, which cancels the
-    statement on the server (a CancelRequest) before the connection is given back."""
+    The deadline bounds everything the call waits for. Waiting for a pool connection
+    (which otherwise ends at DB_POOL_TIMEOUT, whichever is first), the task is
+    cancelled. Inside a statement, the statement is cancelled on the server
+    (service/deadline.py, db/cancel.py): it fails, the transaction rolls back and the
+    connection goes back to the pool clean; only if it has not ended within
+    CANCEL_GRACE is the task cancelled too."""
     remaining = context.time_remaining()
     own = remaining is None or remaining > default_timeout
-    timeout = default_timeout if own else remaining
+    if own:
+        timeout = default_timeout
+    else:
+        assert remaining is not None
+        timeout = max(0.0, remaining - min(DEADLINE_MARGIN, remaining / 4))
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    scope = CallScope()
+    timers: list[asyncio.TimerHandle] = []
+    ours = [False]  # whether the task's cancellation is ours
+
+    def cancel_task() -> None:
+        ours[0] = True
+        task.cancel()
+
+    def expire() -> None:
+        scope.expired = True
+        if scope.cancel_statements():
+            timers.append(loop.call_later(CANCEL_GRACE, cancel_task))
+        else:
+            cancel_task()
+
+    token = CURRENT_CALL.set(scope)
+    timers.append(loop.call_later(timeout, expire))
     try:
-        async with asyncio.timeout(timeout) as scope:
-            return await work
-    except TimeoutError:
-        if not scope.expired():
-            raise
-        if own:
-            raise CallTimeout(
-                f"the call ran for DEFAULT_CALL_TIMEOUT ({default_timeout:g}s) without a "
-                "client deadline"
-            ) from None
-        raise DeadlineExceeded("the client's deadline passed") from None
+        return await work
+    except asyncio.CancelledError:
+        if ours[0] and task.uncancel() == 0:
+            raise _expired(own, default_timeout) from None
+        raise
+    except Exception as error:
+        if scope.expired:
+            raise _expired(own, default_timeout) from error
+        raise
+    finally:
+        for timer in timers:
+            timer.cancel()
+        CURRENT_CALL.reset(token)
+
+
+def _expired(own: bool, default_timeout: float) -> DeadlineExceeded:
+    if own:
+        return CallTimeout(
+            f"the call ran for DEFAULT_CALL_TIMEOUT ({default_timeout:g}s) without a "
+            "client deadline"
+        )
+    return DeadlineExceeded("the client's deadline passed")

@@ -57,6 +57,8 @@ async def test_a_passed_deadline_cancels_the_statement_on_the_server(
     url = postgres_only.url
     async with running_server(settings_for(url)) as live:
         created = await live.users.CreateUser(create_user_request())
+        pool = live.server.db.engine.pool
+        pooled = pool.checkedin()  # type: ignore[attr-defined]
         async with row_locked(url, created.id):
             started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -66,9 +68,25 @@ async def test_a_passed_deadline_cancels_the_statement_on_the_server(
             # Still holding the lock: the statement must be gone from the server, not
             # merely abandoned by the client, and its connection back in the pool.
             await _settled(live, url, within=1.0)
+            # Back, not discarded: the pool holds as many connections as before.
+            assert pool.checkedin() == pooled  # type: ignore[attr-defined]
         # The connection went back clean: the next call on it works.
         updated = await live.users.UpdateUser(_update(created.id), timeout=5)
         assert updated.display_name == "changed"
+
+
+async def test_the_database_statement_timeout_is_database_timeout(
+    postgres_only: Backend,
+) -> None:
+    url = postgres_only.url
+    async with running_server(settings_for(url, db_statement_timeout=0.3)) as live:
+        created = await live.users.CreateUser(create_user_request())
+        async with row_locked(url, created.id):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await live.users.UpdateUser(_update(created.id), timeout=5)
+        error = rich(caught.value)
+        assert error.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error.reason == "DATABASE_TIMEOUT"
 
 
 async def test_a_call_without_a_deadline_gets_default_call_timeout(backend: Backend) -> None:

@@ -14,10 +14,11 @@ the block runs:
   engine's commit and rollback events; pysqlite has no other path.
 
 Kinds of round trip: `prepare` (parse and describe: once per statement and connection
-while asyncpg's cache holds it), `execute` (bind and run a prepared statement, all rows),
-`query` (simple protocol: BEGIN, COMMIT, ROLLBACK, SET, MOVE), `bind` (open a cursor's
-portal), `fetch` (one batch from an open cursor), `close` (a portal or statement),
-`copy`, and on SQLite `commit` / `rollback`.
+while asyncpg's cache holds it), `introspect` (asyncpg looking up a type new to the
+connection, such as BIGINT[]: once per type and connection), `execute` (bind and run
+a prepared statement, all rows), `query` (simple protocol: BEGIN, COMMIT, ROLLBACK,
+SET, MOVE), `bind` (open a cursor's portal), `fetch` (one batch from an open cursor),
+`close` (a portal or statement), `copy`, and on SQLite `commit` / `rollback`.
 
     with count_statements(engine) as log:
         await stub.GetUser(...)
@@ -54,6 +55,18 @@ _PROTOCOL_KINDS = {
 }
 
 
+# Round trips a connection makes once, while its caches warm up.
+_CACHE_WARMTH = ("prepare", "introspect")
+
+
+def _is_introspection(sql: str) -> bool:
+    """asyncpg's lookup of a type it has not seen on this connection: the typeinfo
+    query, wrapped in turning JIT off and back on."""
+    return "typeinfo_tree" in sql or sql.startswith(
+        ("SELECT current_setting('jit')", "SELECT set_config('jit'")
+    )
+
+
 @dataclass(frozen=True)
 class Statement:
     kind: str
@@ -70,12 +83,16 @@ class StatementLog:
 
     def add(self, kind: str, sql: Any, args: Any = ()) -> None:
         text = " ".join(str(sql).split()) if sql is not None else ""
+        if kind == "execute" and _is_introspection(text):
+            kind = "introspect"
         self.entries.append(Statement(kind, text, tuple(args)))
 
     def round_trips(self, *, prepares: bool = False) -> int:
-        """Round trips to the database; prepares are left out unless asked for, since
-        whether a statement is prepared again depends on which pooled connection ran it."""
-        return sum(1 for e in self.entries if prepares or e.kind != "prepare")
+        """Round trips to the database; prepares and asyncpg's type introspection are
+        left out unless asked for, since whether a statement is prepared again, or a
+        type (such as BIGINT[]) looked up again, depends on which pooled connection ran
+        it."""
+        return sum(1 for e in self.entries if prepares or e.kind not in _CACHE_WARMTH)
 
     def kinds(self) -> Counter[str]:
         return Counter(e.kind for e in self.entries)
