@@ -17,7 +17,8 @@ BUF := $(TOOLS)/node_modules/.bin/buf
 PROTOS := $(wildcard protos/blog/v1/*.proto)
 
 .PHONY: help venv generate check lint typecheck import-check buf-lint buf-breaking generated-fresh \
-        test test-faults test-integration run migrate bench bench-quick lock clean
+        test test-faults test-integration run migrate bench bench-quick lock clean \
+        monitoring-check
 
 help:
 	@echo "make run          serve on the embedded SQLite default (sets everything up)"
@@ -25,7 +26,7 @@ help:
 	@echo "make test-faults  the fault suite: database cuts, signals, leaks, fuzzing"
 	@echo "make test-integration  PgBouncer, a streaming replica, Prometheus"
 	@echo "make check        ruff, mypy --strict, import direction, buf lint/breaking, hadolint,"
-	@echo "                  generated code fresh"
+	@echo "                  generated code fresh, alert rules (promtool check/test rules)"
 	@echo "make generate     regenerate generated/ from protos/"
 	@echo "make migrate      bring DATABASE_URL's schema to the newest revision"
 	@echo "make bench        full benchmark run; make bench-quick: a short one"
@@ -72,7 +73,11 @@ buf-breaking: $(BUF)
 hadolint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
 
-check: lint typecheck import-check buf-lint buf-breaking generated-fresh hadolint
+# Alert rules (promtool check/test rules; installs Debian's `prometheus` when missing).
+monitoring-check:
+	scripts/check-monitoring
+
+check: lint typecheck import-check buf-lint buf-breaking generated-fresh hadolint monitoring-check
 
 # The everyday suite; the fault and integration suites start real processes and faults
 # (throwaway clusters, PgBouncer, Prometheus) and run in CI once, on 3.11.
@@ -83,6 +88,7 @@ test-faults: $(STAMP)
 	$(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
 
 test-integration: $(STAMP)
+	scripts/ensure-debian-packages pgbouncer:pgbouncer prometheus:prometheus
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 run: $(STAMP)

@@ -177,6 +177,12 @@ def targets(results: dict[str, Result]) -> list[Target]:
     at_least("GetUser QPS ≥ 0.5x bare grpc.aio echo QPS", "get_user", "echo", 0.5)
     at_least("GetUser QPS ≥ 2x naive twin QPS", "get_user", "naive", 2.0)
     at_least(
+        "GetUser with metrics + access log ≥ 0.9x without (measured back to back)",
+        "get_user_obs_on",
+        "get_user_obs_off",
+        0.9,
+    )
+    at_least(
         "GetUser, serve --workers 2 ≥ 1.3x --workers 1 (measured back to back)",
         "get_user_workers2",
         "get_user_1w_pair",
@@ -245,6 +251,9 @@ _DETAIL_NAMES = {
     "server_cores_busy": "server cores busy",
     "foreign_cores_busy": "cores busy with other processes",
     "steal_cores": "cores stolen by the hypervisor",
+    "cost_vs_off_pct": "QPS cost vs off, %",
+    "server_cpu_cost_us": "server CPU µs/call added",
+    "windows": "QPS of each window",
 }
 
 

@@ -70,7 +70,13 @@ SERVICE_ENV = {
     "DB_MAX_OVERFLOW": "0",
     "LOG_LEVEL": "WARNING",
     "SHUTDOWN_GRACE": "1",
+    # Metrics (METRICS_LISTEN unset) and the access log off, except where a scenario
+    # measures what they cost (get_user_observed: the "service_observed" server).
+    "ACCESS_LOG": "false",
 }
+# What "service_observed" adds: /metrics on a port of its own and a JSON access-log line
+# per call (to its log file), as the Kubernetes manifests run it.
+OBSERVED_ENV = {"ACCESS_LOG": "true", "LOG_FORMAT": "json"}
 
 # Scenario groups, in run order; `--only` takes these names.
 ORDER = (
@@ -79,6 +85,7 @@ ORDER = (
     "echo",
     "naive",
     "get_user",
+    "get_user_observed",
     "list_posts",
     "deep_paging",
     "stream_ceiling",
@@ -130,10 +137,13 @@ class Runner:
         port = procs.free_port()
         log = self.workdir / f"{kind}.log"
         env = {"PYTHONUNBUFFERED": "1"}
-        if kind in ("service", "service2", "service2shim"):
-            workers = "1" if kind == "service" else "2"
+        if kind in ("service", "service2", "service2shim", "service_observed"):
+            workers = "2" if kind in ("service2", "service2shim") else "1"
             env.update(SERVICE_ENV)
             env.update({"DATABASE_URL": self.db.url, "GRPC_LISTEN": f"127.0.0.1:{port}"})
+            if kind == "service_observed":
+                env.update(OBSERVED_ENV)
+                env["METRICS_LISTEN"] = f"127.0.0.1:{procs.free_port()}"
             module = "bench.serve_workers" if kind == "service2shim" else "service"
             args = procs.python("-m", module, "serve", "--workers", workers)
         elif kind == "ceiling":
@@ -583,6 +593,50 @@ class Runner:
             {"users": self.p.users},
             short="GetUser 1 worker",
         )
+
+    def s_get_user_observed(self) -> None:
+        """What metrics and the access log cost: GetUser with both off (the "service"
+        server) and on (a second server with METRICS_LISTEN and ACCESS_LOG=true,
+        LOG_FORMAT=json), alternated off, on, off, on so drift in the machine's load
+        hits both alike; each figure is the mean of its two windows."""
+        rounds: dict[str, list[Result]] = {"get_user_obs_off": [], "get_user_obs_on": []}
+        for _ in range(2):
+            rounds["get_user_obs_off"].append(
+                self.unary(
+                    "get_user_obs_off",
+                    "GetUser, metrics and access log off (alternated pair)",
+                    "service",
+                    "get_user",
+                    {"users": self.p.users},
+                    naive=False,
+                    short="GetUser, observability off",
+                )
+            )
+            rounds["get_user_obs_on"].append(
+                self.unary(
+                    "get_user_obs_on",
+                    "GetUser, metrics + JSON access log on (alternated pair)",
+                    "service_observed",
+                    "get_user",
+                    {"users": self.p.users},
+                    ceiling="get_user_obs_off",
+                    naive=False,
+                    short="GetUser, observability on",
+                )
+            )
+        for name, measured in rounds.items():
+            result = self.results[name]
+            values = [r.value for r in measured if r.value]
+            cpu = [r.server_cpu_us for r in measured if r.server_cpu_us]
+            result.value = sum(values) / len(values) if values else None
+            result.server_cpu_us = sum(cpu) / len(cpu) if cpu else None
+            result.extra["windows"] = [round(v) for v in values]
+        off, on = self.results["get_user_obs_off"], self.results["get_user_obs_on"]
+        if off.value and on.value:
+            on.extra["cost_vs_off_pct"] = round((1 - on.value / off.value) * 100, 1)
+        if off.server_cpu_us and on.server_cpu_us:
+            on.extra["server_cpu_cost_us"] = round(on.server_cpu_us - off.server_cpu_us)
+        self.stop_server("service_observed")
 
     def s_list_posts(self) -> None:
         tokens = self.tokens()["strides"]

@@ -38,6 +38,11 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
         "errors and config are leaves every layer uses",
     ),
     (
+        ("service.observability",),
+        ("blog", "service.api", "service.repositories", "service.db", "service.server"),
+        "observability is set up once and handed to the layers; it knows none of them",
+    ),
+    (
         (
             "service.tokens",
             "service.filtering",
@@ -45,6 +50,8 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
             "service.logs",
             "service.startup",
             "service.memory",
+            "service.tasks",
+            "service.deadline",
         ),
         ("service.api", "service.repositories", "service.db", "service.server"),
         "helpers below every layer import only the leaves",

@@ -10,8 +10,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +21,12 @@ from pydantic import ValidationError
 
 from service import logs, startup
 from service.config import Settings
+from service.observability.metrics import (
+    MULTIPROC_ENV,
+    MetricsServer,
+    mark_process_dead,
+    multiprocess_registry,
+)
 
 log = logging.getLogger("service")
 
@@ -152,16 +160,35 @@ def _worker(overrides: dict[str, Any], index: int, command: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns ^C into SIGTERM
     startup.set_command(command)
     settings = Settings(**overrides)
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, access_log=settings.access_log)
     _serve(settings, migrate=False, reuse_port=True)
 
 
 def _serve_workers(
     settings: Settings, overrides: dict[str, Any], workers: int, *, migrate: bool
 ) -> None:
-    """Start N spawned children on one SO_REUSEPORT port; forward SIGTERM/SIGINT; wait."""
+    """Start N spawned children on one SO_REUSEPORT port; forward SIGTERM/SIGINT; wait.
+
+    With METRICS_LISTEN, the workers write their metrics to a directory this process
+    makes (prometheus-client's multi-process mode, through PROMETHEUS_MULTIPROC_DIR,
+    which they inherit), and this process serves /metrics from it, so one scrape sees
+    every worker; the directory is removed at exit."""
     if migrate:
         _migrate(settings)
+    metrics_dir = None
+    if settings.metrics_listen is not None:
+        metrics_dir = tempfile.mkdtemp(prefix="blog-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        _run_workers(settings, overrides, workers, metrics_dir)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_workers(
+    settings: Settings, overrides: dict[str, Any], workers: int, metrics_dir: str | None
+) -> None:
     context = multiprocessing.get_context("spawn")  # never fork a process with gRPC state
     # By its importable name: under `python -m service` this module runs as __main__,
     # which a spawned child does not re-import (multiprocessing skips `*.__main__`),
@@ -205,14 +232,34 @@ def _serve_workers(
             send(child, signal.SIGTERM)
     log.info("started %d workers: %s", workers, ", ".join(str(c.pid) for c in children))
 
-    exit_code = 0
     running = list(children)
+    metrics_server = None
+    if metrics_dir is not None and settings.metrics_listen is not None:
+
+        def alive() -> list[tuple[str, int]]:
+            return [(c.name, c.pid) for c in running if c.pid is not None]
+
+        try:
+            metrics_server = MetricsServer(
+                settings.metrics_listen, multiprocess_registry(metrics_dir, alive)
+            )
+        except OSError as error:
+            log.error(
+                "could not serve metrics on METRICS_LISTEN=%s: %s", settings.metrics_listen, error
+            )
+            stop()
+            sys.exit(1)
+        log.info("metrics of all workers on http://%s/metrics", settings.metrics_listen)
+
+    exit_code = 0
     while running:
         # Whichever child ends first, not the first in the list.
         ended = multiprocessing.connection.wait([c.sentinel for c in running])
         for child in [c for c in running if c.sentinel in ended]:
             child.join()
             running.remove(child)
+            if metrics_dir is not None and child.pid is not None:
+                mark_process_dead(child.pid, metrics_dir)  # its live gauges go
             if stopping and child.exitcode == -signal.SIGTERM:
                 # The SIGTERM this process forwarded reached the child before its handler
                 # was installed (it was still starting): it stopped as asked.
@@ -221,6 +268,8 @@ def _serve_workers(
                 log.error("%s exited with %s", child.name, child.exitcode)
                 exit_code = 1
                 stop()  # one worker failed: take the others down too
+    if metrics_server is not None:
+        metrics_server.close()
     sys.exit(exit_code)
 
 
@@ -238,7 +287,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, access_log=settings.access_log)
+    # Multi-process metrics are the business of `serve --workers N` alone: a variable
+    # inherited from elsewhere would make a single server write files nobody serves.
+    os.environ.pop(MULTIPROC_ENV, None)
     if args.command == "migrate":
         _migrate(settings)
     elif args.workers > 1:

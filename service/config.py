@@ -70,6 +70,20 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = "text"
 
+    # Operating it (README "Operating it"): metrics, the access log, deadlines, load.
+    metrics_listen: str | None = None
+    access_log: bool = True
+    default_call_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_concurrent_rpcs: Annotated[int, Field(ge=1)] | None = None
+    event_loop_lag_interval: Annotated[float, Field(gt=0, le=60)] = 0.5
+    # Keepalive enforcement: the server pings an idle connection every
+    # GRPC_KEEPALIVE_TIME, drops it when no ack comes within GRPC_KEEPALIVE_TIMEOUT,
+    # and answers a client that pings more often than GRPC_KEEPALIVE_MIN_PING_INTERVAL
+    # with GOAWAY (too_many_pings). Clients: keepalive_time_ms >= that interval.
+    grpc_keepalive_time: Annotated[float, Field(ge=1)] = 60.0
+    grpc_keepalive_timeout: Annotated[float, Field(ge=1)] = 20.0
+    grpc_keepalive_min_ping_interval: Annotated[float, Field(ge=1)] = 10.0
+
     @field_validator("database_url", "database_read_url")
     @classmethod
     def _known_driver(cls, value: str | None) -> str | None:
@@ -129,6 +143,16 @@ class Settings(BaseSettings):
     def _known_format(cls, value: str) -> str:
         if value not in ("text", "json"):
             raise ValueError("must be 'text' or 'json'")
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        _host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be host:port or :port, e.g. 0.0.0.0:9090 or [::]:9090")
         return value
 
     @model_validator(mode="after")

@@ -322,6 +322,12 @@ class ResourceExhausted(DomainError):
         return [error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds))]
 
 
+class Overloaded(ResourceExhausted):
+    """More calls in flight than MAX_CONCURRENT_RPCS: shed, retry after a pause."""
+
+    reason = "OVERLOADED"
+
+
 class Unauthenticated(DomainError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"
@@ -339,6 +345,12 @@ class DatabaseTimeout(DeadlineExceeded):
 
     def __init__(self) -> None:
         super().__init__("the database statement timed out")
+
+
+class CallTimeout(DeadlineExceeded):
+    """A unary call without a client deadline ran for DEFAULT_CALL_TIMEOUT."""
+
+    reason = "CALL_TIMEOUT"
 
 
 class Internal(DomainError):
@@ -371,7 +383,16 @@ def to_grpc_status(error: DomainError) -> grpc.Status:
     return result
 
 
-async def abort(context: grpc.aio.ServicerContext[object, object], error: DomainError) -> None:
-    """End the call with the error's status; never returns (grpc raises AbortError)."""
+async def abort(
+    context: grpc.aio.ServicerContext[object, object],
+    error: DomainError,
+    trailing_metadata: tuple[tuple[str, str], ...] = (),
+) -> None:
+    """End the call with the error's status; never returns (grpc raises AbortError).
+
+    `trailing_metadata` is added to the status's own (an abort replaces what the
+    call set before, such as the echoed x-request-id)."""
     status = to_grpc_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    await context.abort(
+        status.code, status.details, (*status.trailing_metadata, *trailing_metadata)
+    )

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from grpc_health.v1 import health, health_pb2
@@ -15,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.config import Settings
 from service.db.engine import pooler_connect_args
+from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,10 @@ class ReadinessMonitor:
         settings: Settings,
         servicer: health.aio.HealthServicer,
         services: Sequence[str],
+        on_change: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_change = on_change
         self._servicer = servicer
         self._services = tuple(services)
         self._engine: AsyncEngine = _probe_engine(settings)
@@ -89,6 +91,8 @@ class ReadinessMonitor:
             self.ready = ready
             for name in self._services:
                 await self._servicer.set(name, SERVING if ready else NOT_SERVING)
+                if self._on_change is not None:
+                    self._on_change(name, ready)
         return ready
 
     async def start(self) -> None:
@@ -101,9 +105,6 @@ class ReadinessMonitor:
             await self.update()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._engine.dispose()

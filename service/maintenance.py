@@ -5,7 +5,6 @@ that, with their posts. In small batches, one replica at a time."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,7 @@ from service.config import Settings
 from service.db.types import utcnow
 from service.errors import Unavailable
 from service.repositories.uow import Store, UnitOfWork
+from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,5 @@ class Purger:
                 log.exception("purge failed")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

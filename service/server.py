@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from blog.v1 import post_pb2, user_pb2
 from service.api.posts import PostServicer
@@ -25,6 +25,9 @@ from service.db.migrations import SchemaState, describe_revisions, schema_status
 from service.draining import Drain
 from service.health import NOT_SERVING, SERVING, ReadinessMonitor
 from service.maintenance import Purger
+from service.observability.calls import Observability
+from service.observability.pool import instrument_pool
+from service.observability.tracing import Tracing
 from service.reload import FileReloader, TlsCertificates
 from service.repositories.uow import Store
 from service.startup import command, describe_listen_failure, resolves
@@ -57,8 +60,17 @@ def server_options(settings: Settings, *, reuse_port: bool) -> list[tuple[str, i
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace * 1000)),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Keepalive enforcement (README "Operating it"): ping idle connections so a dead
+        # peer is noticed, and GOAWAY a client that pings more often than allowed.
+        ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.grpc_keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(settings.grpc_keepalive_min_ping_interval * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", 2),
     ]
 
 
@@ -72,9 +84,13 @@ class BlogServer:
     settings: Settings
     reuse_port: bool = False
     port: int = 0
+    # Tracing set up by the caller (tests: an in-memory exporter); by default from
+    # the environment (OTEL_EXPORTER_OTLP_ENDPOINT).
+    tracing: Tracing | None = None
     db: Database = field(init=False)
     store: Store = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
+    observability: Observability = field(init=False)
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _readiness: ReadinessMonitor | None = field(default=None, init=False)
     _purger: Purger | None = field(default=None, init=False)
@@ -84,15 +100,25 @@ class BlogServer:
 
     async def start(self, *, migrate: bool = False) -> None:
         settings = self.settings
+        self.observability = Observability.from_settings(settings, tracing=self.tracing)
+        metrics = self.observability.metrics
         self.db = Database(settings)
-        self.store = Store(self.db)
+        self.store = Store(self.db, on_error=metrics.count_db_error if metrics else None)
+        if metrics is not None:
+            instrument_pool(self.db.engine, metrics, "primary", settings.db_max_overflow)
+            if self.db.read_engine is not self.db.engine:
+                instrument_pool(self.db.read_engine, metrics, "replica", settings.db_max_overflow)
+            metrics.stream_limit.set(settings.effective_stream_max_concurrent)
         try:
             await self._check_schema(migrate=migrate)
             tokens = await self._token_codec()
         except BaseException:
             await self.db.dispose()
             raise
-        streams = StreamLimiter(settings.effective_stream_max_concurrent)
+        streams = StreamLimiter(
+            settings.effective_stream_max_concurrent,
+            metrics.active_streams if metrics is not None else None,
+        )
         try:
             authenticator = Authenticator.from_file(settings.auth_tokens_file)
         except BaseException:
@@ -104,6 +130,9 @@ class BlogServer:
         factory = HandlerFactory(
             authenticator=authenticator,
             idle_timeout=settings.stream_idle_timeout,
+            observability=self.observability,
+            default_call_timeout=settings.default_call_timeout,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
             drain=self.drain,
         )
         users = UserServicer(store=self.store, tokens=tokens, streams=streams, settings=settings)
@@ -116,10 +145,13 @@ class BlogServer:
             ]
         )
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # Health and reflection are counted (and logged at DEBUG) like every call.
+        observed = self.observability.observed(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, observed)  # type: ignore[arg-type]
         if settings.reflection:
-            reflection.enable_server_reflection(
-                (*READINESS_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            names = (*READINESS_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+                reflection.aio.ReflectionServicer(names), observed
             )
         try:
             self.port = self._bind(server)
@@ -127,11 +159,23 @@ class BlogServer:
             await self.db.dispose()
             raise
         self._server = server
+        self.observability.start()
         await server.start()
         await self.health.set("", SERVING)
         for name in READINESS_SERVICES:
             await self.health.set(name, NOT_SERVING)
-        self._readiness = ReadinessMonitor(settings, self.health, READINESS_SERVICES)
+        readiness_changed = None
+        if metrics is not None:
+            gauge = metrics.readiness
+
+            def readiness_changed(name: str, ready: bool) -> None:
+                gauge.labels(name).set(1 if ready else 0)
+
+            for name in READINESS_SERVICES:
+                gauge.labels(name).set(0)
+        self._readiness = ReadinessMonitor(
+            settings, self.health, READINESS_SERVICES, on_change=readiness_changed
+        )
         await self._readiness.start()
         self._purger = Purger(settings, self.store)
         self._purger.start()
@@ -261,6 +305,7 @@ class BlogServer:
             finally:
                 ender.cancel()
         await self.db.dispose()
+        await self.observability.stop()
 
     def _end_all(self) -> None:
         if self.drain.in_flight:

@@ -7,6 +7,7 @@ tests stay apart by unique data (tests/factories.py), not by rollback tricks.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from blog.v1 import post_pb2_grpc, user_pb2_grpc
 from service.config import Settings
 from service.db.engine import create_engine
 from service.db.migrations import upgrade
+from service.logs import JsonFormatter
 from service.server import BlogServer
 from support.postgres import PostgresServer, ensure_postgres
 
@@ -66,6 +68,41 @@ hypothesis_settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+# Bearer tokens and passwords the suite uses: none may ever reach a log line.
+SECRETS: set[str] = {"alice-token", "bob-token", "wrong-token"}
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # a record that cannot be formatted is not a leak
+            self.handleError(record)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_log() -> Iterator[_Lines]:
+    """Every log line of the suite, access log (INFO) included; at the end, none of them
+    holds a test token or password (README "Operating it": never a token or password)."""
+    handler = _Lines()
+    root = logging.getLogger()
+    access = logging.getLogger("service.access")
+    level = access.level
+    root.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        access.setLevel(level)
+    text = "\n".join(handler.lines)
+    leaked = sorted(secret for secret in SECRETS if secret in text)
+    assert not leaked, f"secrets in the suite's log: {leaked}"
 
 
 @pytest.fixture(scope="session")
@@ -129,12 +166,8 @@ async def backend(
     request: pytest.FixtureRequest, postgres: PostgresServer
 ) -> AsyncIterator[Backend]:
     if request.param == "postgresql":
-        url = postgres.create_database()
-        try:
-            await _migrate(url)
+        async with postgres_database(postgres) as url:
             yield Backend("postgresql", url)
-        finally:
-            postgres.drop_database(url)
     elif request.param == "pgbouncer":
         from support.pgbouncer import start_pgbouncer
 
@@ -159,6 +192,17 @@ async def backend(
             yield Backend("sqlite", url)
     else:
         raise ValueError(f"TEST_BACKENDS names an unknown backend {request.param!r}")
+
+
+@asynccontextmanager
+async def postgres_database(postgres: PostgresServer) -> AsyncIterator[str]:
+    """A migrated PostgreSQL database made for the caller, dropped afterwards."""
+    url = postgres.create_database()
+    try:
+        await _migrate(url)
+        yield url
+    finally:
+        postgres.drop_database(url)
 
 
 async def _migrate(url: str) -> None:

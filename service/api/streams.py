@@ -7,6 +7,7 @@ from contextlib import aclosing, contextmanager
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
+from prometheus_client import Gauge
 
 from service.api.rpc import Call
 from service.errors import ResourceExhausted
@@ -19,11 +20,14 @@ LARGE_STREAM_BYTES = 1024 * 1024
 
 
 class StreamLimiter:
-    """At most `limit` streams at once; the next one is RESOURCE_EXHAUSTED, not queued."""
+    """At most `limit` streams at once; the next one is RESOURCE_EXHAUSTED, not queued.
 
-    def __init__(self, limit: int) -> None:
+    `gauge` (blog_active_streams) is set as the count changes."""
+
+    def __init__(self, limit: int, gauge: Gauge | None = None) -> None:
         self.limit = limit
         self.active = 0
+        self._gauge = gauge
 
     @contextmanager
     def slot(self) -> Iterator[None]:
@@ -32,10 +36,14 @@ class StreamLimiter:
                 f"too many concurrent streams (limit {self.limit}); retry later"
             )
         self.active += 1
+        if self._gauge is not None:
+            self._gauge.set(self.active)
         try:
             yield
         finally:
             self.active -= 1
+            if self._gauge is not None:
+                self._gauge.set(self.active)
 
 
 async def send_batches(
@@ -69,7 +77,7 @@ async def send_batches(
         nonlocal built
         built += size
         message.resume_token = token_of(last)  # type: ignore[attr-defined]
-        await call.send(message)
+        await call.send(message, rows=len(getattr(message, rows_field)))
 
     try:
         async with aclosing(batches):

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from service.config import Settings
+from service.db.cancel import cancel_on_invalidate
 from service.db.errors import is_unavailable
 from service.db.routing import ReadRouter, drop_closed_connections
 
@@ -210,6 +211,10 @@ class Database:
             if settings.database_read_url
             else self.engine
         )
+        # A cancelled call's statement is cancelled on the server too (db/cancel.py).
+        cancel_on_invalidate(self.engine)
+        if self.read_engine is not self.engine:
+            cancel_on_invalidate(self.read_engine)
         primary = create_session_factories(self.engine)
         replica = None
         if self.read_engine is not self.engine:

@@ -46,19 +46,29 @@ def read_from_primary(strong: bool) -> None:
 
 
 class Store:
-    """Where units of work come from: the servicers' one way down to the database."""
+    """Where units of work come from: the servicers' one way down to the database.
 
-    __slots__ = ("_database",)
+    `on_error` sees every exception a unit of work ends with, before it is translated
+    (the metrics count database errors by SQLSTATE class there)."""
 
-    def __init__(self, database: Database) -> None:
+    __slots__ = ("_database", "_on_error")
+
+    def __init__(
+        self, database: Database, *, on_error: Callable[[BaseException], None] | None = None
+    ) -> None:
         self._database = database
+        self._on_error = on_error
 
     def unit_of_work(self, mode: Mode = "write") -> UnitOfWork:
         """A unit of work in one of three modes (db/engine.py: SessionFactories): `write`
         (a read-write transaction), `read` (autocommit: single-statement reads, nothing
         to commit), `snapshot` (several reads that see one snapshot)."""
         database = self._database
-        return UnitOfWork(lambda: database.open_session(mode), transaction=mode != "read")
+        return UnitOfWork(
+            lambda: database.open_session(mode),
+            transaction=mode != "read",
+            on_error=self._on_error,
+        )
 
     async def run(
         self,
@@ -97,7 +107,7 @@ class Store:
     def exclusive(self, name: str) -> AbstractAsyncContextManager[bool]:
         """`async with store.exclusive("purge") as mine:` True in one process across all
         replicas of the primary at a time (repositories/locks.py)."""
-        return exclusive(self._factories["write"], name)
+        return exclusive(self._database.session_factory("write"), name)
 
 
 class UnitOfWork:
@@ -105,6 +115,7 @@ class UnitOfWork:
 
     __slots__ = (
         "_idempotency",
+        "_on_error",
         "_open",
         "_posts",
         "_session",
@@ -115,9 +126,14 @@ class UnitOfWork:
     )
 
     def __init__(
-        self, open_session: Callable[[], Awaitable[AsyncSession]], *, transaction: bool
+        self,
+        open_session: Callable[[], Awaitable[AsyncSession]],
+        *,
+        transaction: bool,
+        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._open = open_session
+        self._on_error = on_error
         self._wants_transaction = transaction
         self._transaction: AsyncSessionTransaction | None = None
         self._users: UserRepository | None = None
@@ -163,11 +179,15 @@ class UnitOfWork:
                         await session.invalidate()
                 await session.__aexit__(exc_type, exc, traceback)  # close, shielded
         except Exception as error:
+            if self._on_error is not None:
+                self._on_error(error)
             domain = translate(error)
             if domain is None:
                 raise
             raise domain from error
         if failure is not None:
+            if self._on_error is not None:
+                self._on_error(failure)
             domain = translate(failure)
             if domain is not None:
                 raise domain from failure

@@ -25,6 +25,7 @@ from factories import create_user_request
 from service.config import Settings
 from service.db.engine import create_engine
 from service.db.migrations import SchemaState, schema_status
+from support.metrics import call_labels, scrape
 from support.postgres import PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -281,6 +282,17 @@ def _workers_of(pid: int) -> list[psutil.Process]:
     return workers
 
 
+def _spread_channels(port: int, count: int = 16) -> list[grpc.aio.Channel]:
+    """Many connections (a local subchannel pool each, or gRPC would share one): the
+    kernel spreads them over both SO_REUSEPORT sockets."""
+    return [
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(count)
+    ]
+
+
 def _serves_connections(process: psutil.Process, port: int) -> bool:
     return any(
         c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
@@ -294,14 +306,7 @@ async def test_workers_share_the_port_and_stop_together(launcher: Launcher) -> N
     await wait_serving(proc)
     workers = _workers_of(proc.pid)
     assert len(workers) == 2, [w.cmdline() for w in workers]
-    # Many connections (a local subchannel pool each, or gRPC would share one): the
-    # kernel spreads them over both SO_REUSEPORT sockets.
-    channels = [
-        grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        for _ in range(16)
-    ]
+    channels = _spread_channels(port)
     try:
         await asyncio.gather(*(create_and_get(c) for c in channels))
         assert all(_serves_connections(w, port) for w in workers), "a worker served nothing"
@@ -343,6 +348,77 @@ async def test_workers_sign_page_tokens_with_the_real_secret(
         )
     assert len(following.users) == 1
     await stop_with(plain, signal.SIGTERM)
+
+
+async def test_workers_metrics_one_scrape_sees_every_worker(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    """`serve --workers 2` with METRICS_LISTEN: the parent serves every worker's counts
+    (prometheus-client's multi-process mode, in a directory it makes and removes)."""
+    port, metrics_port = free_port(), free_port()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = launcher.run(
+        "serve",
+        "--migrate",
+        "--workers",
+        "2",
+        port=port,
+        METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
+        TMPDIR=str(scratch),
+    )
+    await wait_serving(proc)
+    workers = _workers_of(proc.pid)
+    assert len(workers) == 2
+    assert next(p.name for p in scratch.iterdir()).startswith("blog-metrics-")
+    before = await scrape(metrics_port)
+    # Rounds of 16 connections until both workers have served some (the kernel picks a
+    # socket per connection, and the second worker may still be starting at first).
+    calls = 0
+    for _ in range(5):
+        channels = _spread_channels(port)
+        try:
+            await asyncio.gather(*(create_and_get(c) for c in channels))
+            await asyncio.gather(
+                *(
+                    health_pb2_grpc.HealthStub(c).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    for c in channels
+                )
+            )
+            calls += len(channels)
+            both = all(_serves_connections(w, port) for w in workers)
+        finally:
+            await asyncio.gather(*(c.close() for c in channels))
+        if both:
+            break
+    assert both, "a worker served nothing"
+    after = await scrape(metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    check = call_labels("grpc.health.v1.Health", "Check")
+    assert delta("grpc_server_handled_total", **check, grpc_code="OK") == calls
+    # Process metrics of each worker, and the gauges summed over both.
+    process = {
+        labels["worker"] for name, labels, _ in after.samples if name == "process_cpu_seconds_total"
+    }
+    assert process == {"worker-0", "worker-1"}
+    assert after.value("blog_db_pool_size", pool="primary") == 2 * 10
+    assert after.value("blog_readiness", service="blog.v1.UserService") == 1
+    for method in ("CreateUser", "GetUser"):
+        labels = call_labels("blog.v1.UserService", method)
+        assert delta("grpc_server_started_total", **labels) == calls, method
+        assert delta("grpc_server_handled_total", **labels, grpc_code="OK") == calls, method
+        assert delta("grpc_server_handling_seconds_count", **labels) == calls, method
+    # Process metrics of each worker, and the gauges summed over both.
+    assert {
+        labels["worker"] for name, labels, _ in after.samples if name == "process_cpu_seconds_total"
+    } == {"worker-0", "worker-1"}
+    assert after.value("blog_db_pool_size", pool="primary") == 2 * 10
+    assert after.value("blog_readiness", service="blog.v1.UserService") == 1
+    await stop_with(proc, signal.SIGTERM)
+    assert list(scratch.iterdir()) == [], "the metrics directory outlived the server"
 
 
 async def test_a_dead_worker_takes_the_server_down(launcher: Launcher) -> None:

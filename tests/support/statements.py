@@ -14,10 +14,11 @@ the block runs:
   engine's commit and rollback events; pysqlite has no other path.
 
 Kinds of round trip: `prepare` (parse and describe: once per statement and connection
-while asyncpg's cache holds it), `execute` (bind and run a prepared statement, all rows),
-`query` (simple protocol: BEGIN, COMMIT, ROLLBACK, SET, MOVE), `bind` (open a cursor's
-portal), `fetch` (one batch from an open cursor), `close` (a portal or statement),
-`copy`, and on SQLite `commit` / `rollback`.
+while asyncpg's cache holds it), `introspect` (asyncpg looking up a type new to the
+connection, such as BIGINT[]: once per type and connection), `execute` (bind and run
+a prepared statement, all rows), `query` (simple protocol: BEGIN, COMMIT, ROLLBACK,
+SET, MOVE), `bind` (open a cursor's portal), `fetch` (one batch from an open cursor),
+`close` (a portal or statement), `copy`, and on SQLite `commit` / `rollback`.
 
     with count_statements(engine) as log:
         await stub.GetUser(...)
@@ -54,6 +55,19 @@ _PROTOCOL_KINDS = {
 }
 
 
+# Round trips a connection makes once, while its caches warm up (and, behind a pooler,
+# the close of each statement after use).
+_CACHE_WARMTH = ("prepare", "introspect", "close")
+
+
+def _is_introspection(sql: str) -> bool:
+    """asyncpg's lookup of a type it has not seen on this connection: the typeinfo
+    query, wrapped in turning JIT off and back on."""
+    return "typeinfo_tree" in sql or sql.startswith(
+        ("SELECT current_setting('jit')", "SELECT set_config('jit'")
+    )
+
+
 @dataclass(frozen=True)
 class Statement:
     kind: str
@@ -70,6 +84,8 @@ class StatementLog:
 
     def add(self, kind: str, sql: Any, args: Any = ()) -> None:
         text = " ".join(str(sql).split()) if sql is not None else ""
+        if kind == "execute" and _is_introspection(text):
+            kind = "introspect"
         self.entries.append(Statement(kind, text, tuple(args)))
 
     def round_trips(self, *, prepares: bool = False) -> int:
@@ -78,7 +94,7 @@ class StatementLog:
         one-time type introspection on a connection that has not met a type yet (e.g.
         `bigint[]`), and closes of statements asyncpg let go of (behind a pooler, every
         statement is closed after use)."""
-        return sum(1 for e in self.entries if prepares or not _housekeeping(e))
+        return sum(1 for e in self.entries if prepares or e.kind not in _CACHE_WARMTH)
 
     def kinds(self) -> Counter[str]:
         return Counter(e.kind for e in self.entries)
@@ -101,16 +117,6 @@ class StatementLog:
 
     def __len__(self) -> int:
         return self.round_trips()
-
-
-# asyncpg's type introspection (introspection.py): switch JIT off, walk pg_type, restore.
-_INTROSPECTION = ("typeinfo_tree", "current_setting('jit')", "set_config('jit'")
-
-
-def _housekeeping(entry: Statement) -> bool:
-    if entry.kind in ("prepare", "close"):
-        return True
-    return any(marker in entry.sql for marker in _INTROSPECTION)
 
 
 class _RecordingProtocol:
