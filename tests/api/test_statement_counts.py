@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from blog.v1 import post_pb2, user_pb2
-from conftest import Backend, Running, running_server, settings_for
+from conftest import Running, running_server, settings_for
 from factories import create_user_request, unique
 from support.posts import insert_posts
-from support.statements import StatementLog, count_statements
+from support.statements import StatementLog, count_statements, pooled_extra
 
 FULL = post_pb2.POST_VIEW_FULL
 
@@ -65,15 +65,6 @@ async def test_the_counter_sees_driver_level_sql_cursor_fetches_and_transactions
             assert log.kinds()["fetch"] >= 1, log.summary()
 
 
-def pooled_extra(backend: Backend, *, autocommit: bool) -> int:
-    """Round trips a call adds behind a transaction-mode pooler (DB_PGBOUNCER): the
-    per-transaction SET LOCAL of the timeouts, and for a read that is autocommit when
-    direct, its BEGIN and ROLLBACK (docs/SCALING.md)."""
-    if backend.name != "pgbouncer":
-        return 0
-    return 3 if autocommit else 1
-
-
 async def test_get_user_costs_constant_statements(running, backend) -> None:
     counts = {}
     for posts in (0, 5, 50):
@@ -91,8 +82,8 @@ async def test_get_user_costs_constant_statements(running, backend) -> None:
     assert len(full) == 1, counts
     if backend.is_postgres:
         # BASIC is one autocommit statement; FULL adds BEGIN, the count and COMMIT.
-        assert basic == {1 + pooled_extra(backend, autocommit=True)}, counts
-        assert full.pop() <= 4 + pooled_extra(backend, autocommit=False), counts
+        assert basic == {1 + pooled_extra(backend.name, autocommit=True)}, counts
+        assert full.pop() <= 4 + pooled_extra(backend.name, autocommit=False), counts
 
 
 async def test_list_posts_full_page_costs_constant_statements(running, backend) -> None:
@@ -114,7 +105,7 @@ async def test_list_posts_full_page_costs_constant_statements(running, backend) 
         log = await counted(running, lambda request=request: running.posts.ListPosts(request))
         assert log.round_trips() == counts[rows], log.summary()
     assert counts[5] == counts[50], counts
-    assert counts[5] <= 4 + pooled_extra(backend, autocommit=True), counts
+    assert counts[5] <= 4 + pooled_extra(backend.name, autocommit=True), counts
 
 
 async def test_get_post_full_costs_constant_statements(running, backend) -> None:
@@ -129,7 +120,7 @@ async def test_get_post_full_costs_constant_statements(running, backend) -> None
     got = await running.posts.GetPost(request)
     assert got.author.id == author.id
     assert list(got.tags) == ["a", "b", "c"]
-    assert log.round_trips() <= 3 + pooled_extra(backend, autocommit=True), log.summary()
+    assert log.round_trips() <= 3 + pooled_extra(backend.name, autocommit=True), log.summary()
 
 
 async def test_stream_posts_full_batch_costs_constant_statements(backend) -> None:
@@ -196,7 +187,7 @@ async def test_list_users_full_page_fills_post_count_with_one_aggregate(running,
             u.id: expected[u.id] for u in page.users
         }
         log = await counted(running, lambda request=request: running.users.ListUsers(request))
-        assert log.round_trips() <= 4 + pooled_extra(backend, autocommit=False), log.summary()
+        assert log.round_trips() <= 4 + pooled_extra(backend.name, autocommit=False), log.summary()
         counts[page_size] = log.round_trips()
         print(f"ListUsers FULL {page_size} rows: {log.summary()}")
     assert counts[50] == counts[10], counts

@@ -113,11 +113,13 @@ async def test_creates_and_a_stream_survive_a_server_restart(postgres: PostgresS
             await asyncio.wait_for(
                 asyncio.gather(stream(), restart(), *(create(w) for w in range(4))), 120
             )
-            # The restart really broke the stream and some creates, and the client
-            # resumed and retried: every row exactly once, in order...
+            # The restart really broke the stream, and the client resumed: every row
+            # exactly once, in order. Creates caught by the restart are refused
+            # UNAVAILABLE by the draining server and retried, by the client or by the
+            # channel's retry policy (which the client cannot count); whether any is
+            # caught at all depends on timing, since a drain lets calls in flight finish.
             assert client.stream_resumes >= 1, client.retried_codes
-            assert client.create_retries >= 1, client.retried_codes
-            print("retried after:", dict(client.retried_codes))
+            print("retried after:", dict(client.retried_codes), "creates:", client.create_retries)
             assert streamed == seeded
             # Every create exactly once: one user per request, no duplicates.
             assert len(created) == CREATES

@@ -200,3 +200,12 @@ def count_statements(engine: AsyncEngine) -> Iterator[StatementLog]:
     finally:
         for name, listener in listeners:
             event.remove(sync_engine, name, listener)
+
+
+def pooled_extra(backend_name: str, *, autocommit: bool) -> int:
+    """Round trips a call adds behind a transaction-mode pooler (DB_PGBOUNCER): the
+    per-transaction SET LOCAL of the timeouts, and for a read that is autocommit when
+    direct, its BEGIN and ROLLBACK (docs/SCALING.md)."""
+    if backend_name != "pgbouncer":
+        return 0
+    return 3 if autocommit else 1
