@@ -89,6 +89,12 @@ async def test_one_json_line_per_call_with_every_field(
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting
+            # Hold the lock until the server has seen the cancel (at most 2 s): released
+            # at once, the update could finish before the cancel reached the server.
+            for _ in range(100):
+                if any(line.get("request_id") == "req-cancel-1" for line in access_lines):
+                    break
+                await asyncio.sleep(0.02)
         # (On SQLite the handler ends once the file lock is free: its thread was waiting.)
         for _ in range(250):
             if any(line.get("request_id") == "req-cancel-1" for line in access_lines):
