@@ -8,6 +8,7 @@ import contextlib
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +36,26 @@ from support.postgres import PostgresServer, raw_dsn
 MIGRATION_LOCK_ID = 0x626C6F67  # alembic/env.py
 
 
+@asynccontextmanager
+async def new_postgres_engine(postgres: PostgresServer) -> AsyncIterator[AsyncEngine]:
+    """An engine on a new, empty PostgreSQL database, dropped afterwards."""
+    url = postgres.create_database()
+    engine = create_engine(Settings(database_url=url))
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+        postgres.drop_database(url)
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 async def engine(
     request: pytest.FixtureRequest, postgres: PostgresServer
 ) -> AsyncIterator[AsyncEngine]:
     """An engine on a new, empty database of each backend (never the shared one)."""
     if request.param == "postgresql":
-        url = postgres.create_database()
-        engine = create_engine(Settings(database_url=url))
-        try:
+        async with new_postgres_engine(postgres) as engine:
             yield engine
-        finally:
-            await engine.dispose()
-            postgres.drop_database(url)
     else:
         with tempfile.TemporaryDirectory(prefix="blogmig-") as directory:
             url = f"sqlite+aiosqlite:///{Path(directory) / 'blog.db'}"
@@ -165,13 +173,8 @@ async def test_upgrade_on_a_newer_schema_changes_nothing(engine: AsyncEngine) ->
 
 @pytest.fixture
 async def pg_engine(postgres: PostgresServer) -> AsyncIterator[AsyncEngine]:
-    url = postgres.create_database()
-    engine = create_engine(Settings(database_url=url))
-    try:
+    async with new_postgres_engine(postgres) as engine:
         yield engine
-    finally:
-        await engine.dispose()
-        postgres.drop_database(url)
 
 
 @contextlib.asynccontextmanager
