@@ -131,7 +131,7 @@ def rows(results: dict[str, Result]) -> list[list[str]]:
 
 def console_table(results: dict[str, Result]) -> str:
     body = rows(results)
-    widths = [max(len(COLUMNS[i]), *(len(row[i]) for row in body)) for i in range(len(COLUMNS))]
+    widths = [max([len(COLUMNS[i]), *(len(row[i]) for row in body)]) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     for row in body:
@@ -254,6 +254,7 @@ _DETAIL_NAMES = {
     "cost_vs_off_pct": "QPS cost vs off, %",
     "server_cpu_cost_us": "server CPU µs/call added",
     "windows": "QPS of each window",
+    "ratio_by_pair": "on/off QPS, pair by pair",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -77,6 +78,15 @@ SERVICE_ENV = {
 # What "service_observed" adds: /metrics on a port of its own and a JSON access-log line
 # per call (to its log file), as the Kubernetes manifests run it.
 OBSERVED_ENV = {"ACCESS_LOG": "true", "LOG_FORMAT": "json"}
+# The order get_user_observed measures its two servers in (ABBA, then AB).
+OBSERVED_ORDER = (
+    "get_user_obs_off",
+    "get_user_obs_on",
+    "get_user_obs_on",
+    "get_user_obs_off",
+    "get_user_obs_off",
+    "get_user_obs_on",
+)
 
 # Scenario groups, in run order; `--only` takes these names.
 ORDER = (
@@ -137,7 +147,7 @@ class Runner:
         port = procs.free_port()
         log = self.workdir / f"{kind}.log"
         env = {"PYTHONUNBUFFERED": "1"}
-        if kind in ("service", "service2", "service2shim", "service_observed"):
+        if kind in ("service", "service2", "service2shim", "service_off", "service_observed"):
             workers = "2" if kind in ("service2", "service2shim") else "1"
             env.update(SERVICE_ENV)
             env.update({"DATABASE_URL": self.db.url, "GRPC_LISTEN": f"127.0.0.1:{port}"})
@@ -595,48 +605,50 @@ class Runner:
         )
 
     def s_get_user_observed(self) -> None:
-        """What metrics and the access log cost: GetUser with both off (the "service"
-        server) and on (a second server with METRICS_LISTEN and ACCESS_LOG=true,
-        LOG_FORMAT=json), alternated off, on, off, on so drift in the machine's load
-        hits both alike; each figure is the mean of its two windows."""
-        rounds: dict[str, list[Result]] = {"get_user_obs_off": [], "get_user_obs_on": []}
-        for _ in range(2):
-            rounds["get_user_obs_off"].append(
+        """What metrics and the access log cost: GetUser on two servers set up alike but
+        for them, one with both off and one with METRICS_LISTEN and ACCESS_LOG=true,
+        LOG_FORMAT=json, both started together for this scenario and warmed unmeasured,
+        then measured in the order OBSERVED_ORDER (ABBA, then AB) so drift in the box's
+        throughput hits both alike; each figure is the median of its windows, every
+        window's shown in the details, and the ratio is also given pair by pair."""
+        kinds = {"get_user_obs_off": "service_off", "get_user_obs_on": "service_observed"}
+        for kind in kinds.values():  # two fresh servers, started together
+            self.launch(kind)
+        params = {"users": self.p.users}
+        for name in kinds:
+            self.unary(name, "warm-up", kinds[name], "get_user", params, duration=2.0)
+        windows: dict[str, list[Result]] = {name: [] for name in kinds}
+        for name in OBSERVED_ORDER:
+            on = name == "get_user_obs_on"
+            windows[name].append(
                 self.unary(
-                    "get_user_obs_off",
-                    "GetUser, metrics and access log off (alternated pair)",
-                    "service",
+                    name,
+                    "GetUser, metrics + JSON access log on (median of 3, ABBA)"
+                    if on
+                    else "GetUser, metrics and access log off (median of 3, ABBA)",
+                    kinds[name],
                     "get_user",
-                    {"users": self.p.users},
+                    params,
+                    ceiling="get_user_obs_off" if on else None,
                     naive=False,
-                    short="GetUser, observability off",
+                    short="GetUser, observability on" if on else "GetUser, observability off",
                 )
             )
-            rounds["get_user_obs_on"].append(
-                self.unary(
-                    "get_user_obs_on",
-                    "GetUser, metrics + JSON access log on (alternated pair)",
-                    "service_observed",
-                    "get_user",
-                    {"users": self.p.users},
-                    ceiling="get_user_obs_off",
-                    naive=False,
-                    short="GetUser, observability on",
-                )
-            )
-        for name, measured in rounds.items():
-            result = self.results[name]
-            values = [r.value for r in measured if r.value]
-            cpu = [r.server_cpu_us for r in measured if r.server_cpu_us]
-            result.value = sum(values) / len(values) if values else None
-            result.server_cpu_us = sum(cpu) / len(cpu) if cpu else None
-            result.extra["windows"] = [round(v) for v in values]
+        for name, measured in windows.items():
+            median = _median_window(measured)
+            median.extra["windows"] = [round(r.value) for r in measured if r.value]
+            self.results[name] = median
         off, on = self.results["get_user_obs_off"], self.results["get_user_obs_on"]
+        pairs = zip(windows["get_user_obs_on"], windows["get_user_obs_off"], strict=True)
+        on.extra["ratio_by_pair"] = [
+            round(a.value / b.value, 3) for a, b in pairs if a.value and b.value
+        ]
         if off.value and on.value:
             on.extra["cost_vs_off_pct"] = round((1 - on.value / off.value) * 100, 1)
         if off.server_cpu_us and on.server_cpu_us:
             on.extra["server_cpu_cost_us"] = round(on.server_cpu_us - off.server_cpu_us)
-        self.stop_server("service_observed")
+        for kind in kinds.values():
+            self.stop_server(kind)
 
     def s_list_posts(self) -> None:
         tokens = self.tokens()["strides"]
@@ -803,7 +815,7 @@ class Runner:
             self.stop_server(kind)
 
     def s_profile(self) -> None:
-        server = self.server("service")
+        server = self.server(os.environ.get("BENCH_PROFILE_SERVER", "service"))
         seconds = self.p.profile_seconds
         out = self.workdir / "get_user.pyspy.txt"
         spec = LoadSpec(
@@ -876,3 +888,9 @@ def summary_line(r: Result) -> str:
     if foreign is not None:
         parts.append(f"other processes {foreign:.2f} cores")
     return "; ".join(parts)
+
+
+def _median_window(measured: list[Result]) -> Result:
+    """The window with the median QPS."""
+    ranked = sorted(measured, key=lambda r: r.value or 0.0)
+    return ranked[len(ranked) // 2]
