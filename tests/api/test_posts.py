@@ -682,6 +682,31 @@ async def test_create_post_waits_for_an_uncommitted_author_delete(backend, users
     assert await ids_of(posts, f"author_id = {author.id}") == []
 
 
+@postgres_only
+async def test_create_post_links_a_tag_committed_while_it_waited(backend, users, posts) -> None:
+    """CreatePost links its tags in one statement whose snapshot predates a tag another
+    transaction commits while the statement waits on it (ON CONFLICT skips the tag, the
+    snapshot cannot see it): the post must still get the tag."""
+    author = await new_author(users)
+    tag = unique("racing-")
+    connection = await asyncpg.connect(raw_dsn(backend.direct_url))
+    try:
+        transaction = connection.transaction()
+        await transaction.start()
+        await connection.execute("INSERT INTO tags (name) VALUES ($1)", tag)
+        creating = asyncio.ensure_future(create(posts, author.id, tags=[tag, unique("own-")]))
+        await asyncio.sleep(0.5)
+        assert not creating.done()  # waiting on the uncommitted tag
+        await transaction.commit()
+    finally:
+        await connection.close()
+    made = await creating
+    assert tag in made.tags
+    got = await posts.GetPost(post_pb2.GetPostRequest(id=made.id))
+    assert sorted(got.tags) == sorted(made.tags)
+    assert await ids_of(posts, f'tags:"{tag}"') == [made.id]
+
+
 async def test_delete_user_racing_create_post_never_orphans_a_post(backend, users, posts) -> None:
     """Many rounds of CreatePost and DeleteUser at once (the delete staggered by 0-4 ms to
     vary the interleaving): a post that exists was created before its author was deleted."""

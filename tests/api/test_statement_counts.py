@@ -191,3 +191,36 @@ async def test_list_users_full_page_fills_post_count_with_one_aggregate(running,
         counts[page_size] = log.round_trips()
         print(f"ListUsers FULL {page_size} rows: {log.summary()}")
     assert counts[50] == counts[10], counts
+
+
+async def test_create_post_and_update_user_statements(running, backend) -> None:
+    """The write paths in the fewest round trips (issue 12): CreatePost with tags is
+    BEGIN, one INSERT that checks the author, one statement for its tags, COMMIT (on
+    SQLite, which has no INSERT inside WITH, two for the tags); an UpdateUser is BEGIN,
+    one version-guarded UPDATE ... RETURNING, COMMIT."""
+    author = await running.users.CreateUser(create_user_request())
+    tags = [unique("t-"), unique("t-")]
+
+    async def create_post() -> None:
+        await running.posts.CreatePost(
+            post_pb2.CreatePostRequest(
+                post=post_pb2.Post(author_id=author.id, title=unique("p-"), tags=tags)
+            )
+        )
+
+    created = await counted(running, create_post)
+    print(f"CreatePost (2 tags): {created.summary()}")
+
+    async def update_user() -> None:
+        await running.users.UpdateUser(
+            user_pb2.UpdateUserRequest(
+                user=user_pb2.User(id=author.id, display_name=unique("n-")),
+                update_mask={"paths": ["display_name"]},
+            )
+        )
+
+    updated = await counted(running, update_user)
+    print(f"UpdateUser (display_name): {updated.summary()}")
+    extra = pooled_extra(backend.name, autocommit=False)
+    assert created.round_trips() <= (4 if backend.is_postgres else 5) + extra, created.summary()
+    assert updated.round_trips() <= 3 + extra, updated.summary()
