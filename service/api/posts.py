@@ -68,8 +68,8 @@ class PostServicer(Servicer):
                 return to_post_message(row, tags, full=False)
 
             async def replay(post_id: int) -> post_pb2.Post:
-                row = await posts.get(post_id, full=False)
-                return to_post_message(row, row.tags, full=False)
+                row, tags = await posts.get(post_id, full=False)
+                return to_post_message(row, tags, full=False)
 
             return await uow.idempotency.create_once(
                 key,
@@ -89,8 +89,8 @@ class PostServicer(Servicer):
         full = self._view(violations, request.view)
         violations.raise_if_any()
         async with self._store.unit_of_work("read") as uow:
-            row = await uow.posts.get(request.id, full=full)
-        return to_post_message(row, row.tags, full=full)
+            row, tags = await uow.posts.get(request.id, full=full)
+        return to_post_message(row, tags, full=full)
 
     async def list_posts(
         self, request: post_pb2.ListPostsRequest, call: Call
@@ -126,8 +126,8 @@ class PostServicer(Servicer):
         repeated = response.posts
         add = repeated.add
         size = 0
-        for count, row in enumerate(rows):
-            size += add_post(add, row, row.tags, full=full)[1]
+        for count, (row, tags) in enumerate(zip(rows, page.tags, strict=True)):
+            size += add_post(add, row, tags, full=full)[1]
             if size > MAX_PAGE_BYTES and count:
                 del repeated[-1]  # the cap is the contract's; the repository's is memory's
                 rows = rows[:count]
