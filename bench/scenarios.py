@@ -817,11 +817,16 @@ class Runner:
     def s_profile(self) -> None:
         server = self.server(os.environ.get("BENCH_PROFILE_SERVER", "service"))
         seconds = self.p.profile_seconds
+        workload = os.environ.get("BENCH_PROFILE_WORKLOAD", "get_user")
+        params: dict[str, Any] = {"users": self.p.users}
+        if workload == "list_posts":
+            view = int(os.environ.get("BENCH_PROFILE_VIEW", "1"))
+            params = {"tokens": self.tokens()["strides"], "page_size": 50, "view": view}
         out = self.workdir / "get_user.pyspy.txt"
         spec = LoadSpec(
             target=server.target,
-            workload="get_user",
-            params={"users": self.p.users},
+            workload=workload,
+            params=params,
             concurrency=self.p.concurrency,
             channels=self.p.channels,
             warmup=self.p.warmup,

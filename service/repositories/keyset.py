@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, tuple_
+from sqlalchemy import ColumnElement, Integer, and_, bindparam, or_, tuple_
 
 from service.repositories.ordering import Ordering
 
@@ -35,3 +35,28 @@ def rows_after(ordering: Ordering, position: Sequence[Any]) -> ColumnElement[boo
         beyond = key.column < position[i] if key.descending else key.column > position[i]
         terms.append(and_(*equal, beyond))
     return or_(*terms)
+
+
+# The bound parameter of a page's row limit in `seek_page` statements.
+PAGE_LIMIT = "page_limit"
+
+
+def seek_page(stmt: Any, ordering: Ordering, *, seeking: bool) -> Any:
+    """`seek` with the position and the row limit as bound parameters (`after_params`,
+    PAGE_LIMIT) rather than values: one statement serves every page of an order, so it
+    can be built once and SQLAlchemy finds its compiled form without walking a new
+    statement for its cache key (a fifth of a ListPosts call's CPU before)."""
+    stmt = stmt.order_by(
+        *(k.column.desc() if k.descending else k.column.asc() for k in ordering.keys)
+    )
+    if seeking:
+        position = [
+            bindparam(f"after_{i}", type_=k.column.type) for i, k in enumerate(ordering.keys)
+        ]
+        stmt = stmt.where(rows_after(ordering, position))
+    return stmt.limit(bindparam(PAGE_LIMIT, type_=Integer))
+
+
+def after_params(after: Sequence[Any] | None) -> dict[str, Any]:
+    """The bound values of a `seek_page` statement's position."""
+    return {} if after is None else {f"after_{i}": value for i, value in enumerate(after)}

@@ -40,7 +40,7 @@ from service.errors import EtagMismatch, NotFound, author_not_live
 from service.filtering import FieldKind, FilterField, substring_has
 from service.repositories.dialect import byte_length, insert_ignore, is_postgres, one_of
 from service.repositories.driver import driver_of
-from service.repositories.keyset import seek
+from service.repositories.keyset import PAGE_LIMIT, after_params, seek, seek_page
 from service.repositories.query import Query, QuerySpec
 from service.repositories.streaming import byte_bounded, stream_partitions
 from service.repositories.tag_names import tag_names
@@ -217,6 +217,26 @@ def _base(
     return stmt.join(users_table, _U.id == _P.author_id) if full else stmt
 
 
+# Page statements without a filter, by (view, dialect, order, whether after a position):
+# a handful, built once (a filtered page builds its own, its filter holding values).
+_PAGES: dict[tuple[bool, bool, str, bool], Any] = {}
+
+
+def _page_select(full: bool, postgres: bool, query: Query) -> Any:
+    """A ListPosts page's statement (`seek_page`'s parameters, and `inline_limit`)."""
+    seeking = query.after is not None
+    key = (full, postgres, query.ordering.canonical, seeking)
+    if query.where is None and key in _PAGES:
+        return _PAGES[key]
+    stmt = _base(full, tags_on_postgres=postgres, inline_on_postgres=postgres)
+    if query.where is not None:
+        stmt = stmt.where(query.where)
+    stmt = seek_page(stmt, query.ordering, seeking=seeking)
+    if query.where is None:
+        _PAGES[key] = stmt
+    return stmt
+
+
 class PostRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -361,11 +381,9 @@ class PostRepository:
         time; in any other, the page says it `needs_snapshot` and holds no rows."""
         inline = inline_limit(limit)
         postgres = is_postgres(self._session)
-        stmt = self._select(
-            full=full, where=query.where, tags_on_postgres=postgres, inline_on_postgres=postgres
-        )
-        stmt = seek(stmt, query.ordering, query.after).limit(limit + 1)
-        rows = list((await self._session.execute(stmt, {"inline_limit": inline})).all())
+        stmt = _page_select(full, postgres, query)
+        params = {"inline_limit": inline, PAGE_LIMIT: limit + 1, **after_params(query.after)}
+        rows = list((await self._session.execute(stmt, params)).all())
         if not rows:
             return PostPage(rows, more=False)
         sizes = [row.body_bytes for row in rows]
