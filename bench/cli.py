@@ -14,8 +14,9 @@ from pathlib import Path
 
 import asyncpg
 
-from bench import procs, report, seed
+from bench import procs, report, seed, statements
 from bench.client import ClientPool
+from bench.report import Result
 from bench.scenarios import FULL, ORDER, QUICK, SERVICE_ENV, Runner
 
 DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -54,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output", default="docs/BENCHMARKS.md", help="markdown report path ('-' for none)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help="run every scenario this many times and report medians with their spread "
+        "(default: 3 with --full, 1 with --quick)",
     )
     parser.add_argument(
         "--keep-db", action="store_true", help="do not drop the bench database (debugging)"
@@ -135,18 +142,34 @@ def main(argv: list[str] | None = None) -> None:
                 runner.server(kind)
             except procs.ProcessFailed as error:
                 _log(f"PROBLEM: {kind} server did not come up:\n{error}")
-        for index, name in enumerate(selected):
-            _log(f"[{time.monotonic() - started:5.1f}s] {name}")
-            try:
-                runner.run(name)
-            except Exception:
-                failures.append(name)
-                _log(f"  FAILED:\n{traceback.format_exc()}")
-            # Servers no later scenario needs give their connections and CPU back.
-            later = {k for n in selected[index + 1 :] for k in SERVERS.get(n, ())}
-            for kind in list(runner.servers):
-                if kind not in later:
-                    runner.stop_server(kind)
+        repeats = args.repeat or (3 if args.full else 1)
+        rounds: list[dict[str, Result]] = []
+        for round_number in range(repeats):
+            runner.results = {}
+            # The profile is taken once; the other scenarios each round.
+            names = [n for n in selected if n != "profile" or round_number == 0]
+            for index, name in enumerate(names):
+                _log(f"[{time.monotonic() - started:5.1f}s] {name} ({round_number + 1}/{repeats})")
+                try:
+                    runner.run(name)
+                except Exception:
+                    failures.append(name)
+                    _log(f"  FAILED:\n{traceback.format_exc()}")
+                # Servers no later scenario needs give their connections and CPU back.
+                later = {k for n in names[index + 1 :] for k in SERVERS.get(n, ())}
+                if round_number + 1 < repeats:
+                    later |= {k for n in names for k in SERVERS.get(n, ())}
+                for kind in list(runner.servers):
+                    if kind not in later:
+                        runner.stop_server(kind)
+            rounds.append(runner.results)
+        runner.results = report.medians(rounds)
+        round_trips: dict[str, tuple[int, str]] = {}
+        try:
+            round_trips = statements.count(db.url)
+        except Exception:
+            failures.append("statements")
+            _log(f"  round trips not counted:\n{traceback.format_exc()}")
         results = runner.results
         for problem in runner.problems:
             _log(f"PROBLEM: {problem}")
@@ -156,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         for target in report.targets(results):
             status = "not measured" if target.met is None else ("met" if target.met else "NOT MET")
             _log(f"  {status:12} {target.text}: {target.measured}")
+        if round_trips:
+            _log("\nround trips to PostgreSQL per call:")
+            for name, (n, summary) in round_trips.items():
+                _log(f"  {n:3}  {name}: {summary[:160]}")
         if runner.profile is not None and runner.profile.own:
             _log("\nhottest functions in GetUser (own samples):")
             for func, count in runner.profile.own[:10]:
@@ -180,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
                 "process, 32 concurrent tasks, uvloop, pool of 32.",
                 "Service: `python -m service serve [--workers 2]` with "
                 + " ".join(f"{k}={v}" for k, v in SERVICE_ENV.items())
-                + " (other settings default). Ceiling servers use the service's "
+                + " METRICS_LISTEN=127.0.0.1:(a free port) (other settings default): metrics "
+                "and the JSON access log on, as deploy/ runs it, except where GetUser is "
+                "measured with both off beside it. Ceiling servers use the service's "
                 "`server_options`; the naive twin uses grpc and SQLAlchemy defaults.",
                 "Deep paging: page tokens gathered first (1,000-row strides, then 50-row "
                 "pages to row 49,950); page 1 and page 1000 each measured with one call in "
@@ -192,9 +221,15 @@ def main(argv: list[str] | None = None) -> None:
                 "the service's default order, 1,000 rows a fetch, that batch's tags in one "
                 "query, the batch built in place as one StreamPostsResponse and yielded; "
                 "sequential (fetch, build, send), like the service.",
-                "Every figure is one measurement, not a median of repeats. The machine is "
-                "shared: compare rows measured close together, and discount rows whose "
-                "*Other procs* figure is high.",
+                (
+                    f"Every scenario ran {repeats} times, one round after another; each row "
+                    "is the round with the median result, its *Details* give every round's "
+                    "figure and the spread (max - min), and ratios are between medians. "
+                    if repeats > 1
+                    else "Every figure is one measurement, not a median of repeats. "
+                )
+                + "The machine is shared: compare rows measured close together, and "
+                "discount rows whose *Other procs* figure is high.",
                 "StreamPosts: one stream of every post (BASIC view) into one client process; "
                 "rows/s from the call's start to its end; RSS growth = peak server RSS during "
                 "the stream minus RSS after 10,000 rows.",
@@ -211,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                     "setup": setup,
                 },
                 pg_version=pg_version,
+                statements=round_trips,
                 problems=runner.problems
                 + [f"scenario `{f}` failed (see the console log)" for f in failures],
             )

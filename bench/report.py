@@ -42,6 +42,31 @@ class Result:
         return sum(self.errors.values())
 
 
+def medians(rounds: list[dict[str, Result]]) -> dict[str, Result]:
+    """One result per scenario from several rounds: the round with the median value
+    (lower median for an even count), with every round's value and the spread."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged: dict[str, Result] = {}
+    for name in dict.fromkeys(n for results in rounds for n in results):
+        measured = [r[name] for r in rounds if name in r and r[name].value is not None]
+        if not measured:
+            merged[name] = next(r[name] for r in rounds if name in r)
+            continue
+        ranked = sorted(measured, key=lambda r: r.value or 0.0)
+        median = ranked[(len(ranked) - 1) // 2]
+        median.extra["rounds"] = [_round(r.value) for r in measured]
+        median.extra["spread"] = _round((ranked[-1].value or 0.0) - (ranked[0].value or 0.0))
+        merged[name] = median
+    return merged
+
+
+def _round(value: float | None) -> float | None:
+    if value is None:
+        return None
+    return round(value) if abs(value) >= 100 else round(value, 2)
+
+
 def ratio(results: dict[str, Result], a: str, b: str | None) -> float | None:
     if b is None or a not in results or b not in results:
         return None
@@ -254,6 +279,8 @@ _DETAIL_NAMES = {
     "cost_vs_off_pct": "QPS cost vs off, %",
     "server_cpu_cost_us": "server CPU µs/call added",
     "windows": "QPS of each window",
+    "rounds": "result of each round",
+    "spread": "spread (max - min)",
     "ratio_by_pair": "on/off QPS, pair by pair",
 }
 
@@ -340,6 +367,7 @@ def write_markdown(
     run: dict[str, Any],
     pg_version: str,
     problems: list[str] | None = None,
+    statements: dict[str, tuple[int, str]] | None = None,
 ) -> None:
     reading = _kept_reading(path) or _READING_PLACEHOLDER
     m = machine()
@@ -386,6 +414,23 @@ def write_markdown(
         out.append("")
         for problem in problems:
             out.append(f"- **{problem}**")
+        out.append("")
+    if statements:
+        out.append("## Round trips per method")
+        out.append("")
+        out.append(
+            "Every message exchange a call starts with PostgreSQL, BEGIN and COMMIT "
+            "included, counted at asyncpg's protocol (tests/support/statements.py) on the "
+            "bench database after warm-up: the fewest of three calls (a prepare on a "
+            "statement-cache miss would add one)."
+        )
+        out.append("")
+        out.append(
+            markdown_table(
+                ["Method", "Round trips", "What they are"],
+                [[name, str(n), f"`{summary[:300]}`"] for name, (n, summary) in statements.items()],
+            )
+        )
         out.append("")
     out.append("## Results")
     out.append("")
