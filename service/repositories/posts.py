@@ -237,6 +237,29 @@ def _page_select(full: bool, postgres: bool, query: Query) -> Any:
     return stmt
 
 
+def _create_statement() -> Any:
+    """CreatePost's insert, built once: the post's values selected from its author's live
+    row (share-locked on PostgreSQL; SQLite ignores FOR SHARE), bound at execution."""
+    now = bindparam("now", type_=_P.create_time.type)
+    author = (
+        select(
+            _U.id,
+            bindparam("title", type_=_P.title.type),
+            bindparam("body", type_=_P.body.type),
+            now,
+            now,
+            literal(1, BigInteger),
+        )
+        .where(_U.id == bindparam("author_id", type_=_U.id.type), _U.delete_time.is_(None))
+        .with_for_update(read=True)
+    )
+    columns = ["author_id", "title", "body", "create_time", "update_time", "version"]
+    return insert(posts_table).from_select(columns, author).returning(*POST_COLUMNS)
+
+
+_CREATE = _create_statement()
+
+
 class PostRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -250,27 +273,8 @@ class PostRepository:
         one `INSERT ... SELECT` from the author's row, share-locked on PostgreSQL so a
         concurrent DeleteUser cannot slip in before the commit (SQLite: BEGIN IMMEDIATE
         serialises the writers already); no row inserted means no live author."""
-        now = bindparam("now", utcnow(), type_=_P.create_time.type)
-        author = (
-            select(
-                _U.id,
-                bindparam("title", title, type_=_P.title.type),
-                bindparam("body", body, type_=_P.body.type),
-                now,
-                now,
-                literal(1, BigInteger),
-            )
-            .where(_U.id == author_id, _U.delete_time.is_(None))
-            .with_for_update(read=True)
-        )
-        stmt = (
-            insert(posts_table)
-            .from_select(
-                ["author_id", "title", "body", "create_time", "update_time", "version"], author
-            )
-            .returning(*POST_COLUMNS)
-        )
-        row = (await self._session.execute(stmt)).first()
+        params = {"author_id": author_id, "title": title, "body": body, "now": utcnow()}
+        row = (await self._session.execute(_CREATE, params)).first()
         if row is None:
             raise author_not_live(author_id)
         await self._link_tags(row.id, names=tags)
