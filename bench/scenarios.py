@@ -145,7 +145,7 @@ class Runner:
             workers = "2" if kind in ("service2", "service2shim") else "1"
             env.update(SERVICE_ENV)
             env.update({"DATABASE_URL": self.db.url, "GRPC_LISTEN": f"127.0.0.1:{port}"})
-            if kind == "service_off" or os.environ.get("XOFF"):
+            if kind == "service_off":
                 env.update(UNOBSERVED_ENV)
             else:
                 env["METRICS_LISTEN"] = f"127.0.0.1:{procs.free_port()}"
