@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         _log("")
         _log(report.console_table(results))
         _log("")
-        for target in report.targets(results):
+        for target in report.targets(results, round_trips):
             status = "not measured" if target.met is None else ("met" if target.met else "NOT MET")
             _log(f"  {status:12} {target.text}: {target.measured}")
         if round_trips:
