@@ -814,6 +814,8 @@ class Runner:
         seconds = self.p.profile_seconds
         workload = os.environ.get("BENCH_PROFILE_WORKLOAD", "get_user")
         params: dict[str, Any] = {"users": self.p.users}
+        if workload == "create_post":
+            params["tags"] = tag_names(self.p.tags)
         if workload == "list_posts":
             view = int(os.environ.get("BENCH_PROFILE_VIEW", "1"))
             params = {"tokens": self.tokens()["strides"], "page_size": 50, "view": view}
