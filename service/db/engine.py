@@ -20,7 +20,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from service.config import Settings
 from service.db.cancel import cancel_on_invalidate
 from service.db.errors import is_unavailable
-from service.db.routing import ReadRouter, drop_closed_connections
+from service.db.routing import ReadRouter, discard_unusable_connections
 
 # Execution options our SQLite "begin" hook reads; see _install_sqlite_hooks.
 _SQLITE_BEGIN = "blog_sqlite_begin"
@@ -213,12 +213,13 @@ class Database:
         )
         # A cancelled call's statement is cancelled on the server too (db/cancel.py).
         cancel_on_invalidate(self.engine)
+        discard_unusable_connections(self.engine)
         if self.read_engine is not self.engine:
             cancel_on_invalidate(self.read_engine)
+            discard_unusable_connections(self.read_engine)
         primary = create_session_factories(self.engine)
         replica = None
         if self.read_engine is not self.engine:
-            drop_closed_connections(self.read_engine)
             replica = create_session_factories(self.read_engine)
         self.sessions = SessionFactories(
             write=primary.write,

@@ -91,9 +91,21 @@ class ReadRouter:
         return session
 
 
-def drop_closed_connections(engine: AsyncEngine) -> None:
-    """A free pre-ping: a pooled asyncpg connection whose server went away (a replica
-    restarted) is replaced at checkout instead of failing the read that gets it."""
+def discard_unusable_connections(engine: AsyncEngine) -> None:
+    """Pooled asyncpg connections that cannot serve the next call are dropped, not
+    handed out:
+
+    - at checkout, one whose server went away (a replica restarted): a free pre-ping,
+      so the read that gets it is not the one to fail;
+    - at checkin and at checkout, one still inside a transaction. A call cancelled in
+      the middle of ending its transaction (a deadline, a client gone) can leave the
+      server in a transaction that SQLAlchemy's adapter no longer tracks, so the
+      reset on return rolls nothing back. Kept, the connection would sit "idle in
+      transaction" (holding its snapshot and locks) and fail the next call that
+      begins on it ("cannot use Connection.transaction() in a manually started
+      transaction"). It is terminated at once (PostgreSQL rolls back), and replaced
+      at its next checkout.
+    """
 
     @event.listens_for(engine.sync_engine, "checkout")
     def _on_checkout(
@@ -101,5 +113,20 @@ def drop_closed_connections(engine: AsyncEngine) -> None:
     ) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
         is_closed = getattr(driver, "is_closed", None)  # asyncpg's; aiosqlite has none
-        if is_closed is not None and is_closed():
+        if is_closed is None:
+            return
+        if is_closed():
             raise DisconnectionError("the server closed this connection")
+        if driver.is_in_transaction():  # type: ignore[union-attr]
+            driver.terminate()  # type: ignore[union-attr]
+            raise DisconnectionError("a connection came back inside a transaction")
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _on_checkin(dbapi_connection: object, _record: ConnectionPoolEntry) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        is_closed = getattr(driver, "is_closed", None)
+        if is_closed is None or is_closed():
+            return
+        if driver.is_in_transaction():  # type: ignore[union-attr]
+            log.warning("a connection came back inside a transaction; closing it")
+            driver.terminate()  # type: ignore[union-attr]
