@@ -194,11 +194,8 @@ class PostServicer(Servicer):
             async with self._store.unit_of_work("snapshot") as uow:
                 posts = uow.posts
 
-                async def prepare(rows: Sequence[Any]) -> dict[int, list[str]]:
-                    return await posts.tags_of([r.id for r in rows])
-
-                def add(put: Callable[..., Any], row: Any, tags: dict[int, list[str]]) -> int:
-                    return add_post(put, row, tags.get(row.id, ()), full=full)[1]
+                def add(put: Callable[..., Any], row: Any, tags: Sequence[str]) -> int:
+                    return add_post(put, row, tags, full=full)[1]
 
                 await send_batches(
                     call,
@@ -208,7 +205,7 @@ class PostServicer(Servicer):
                         batch_size=settings.stream_batch_rows,
                         max_bytes=settings.stream_batch_bytes,
                     ),
-                    prepare=prepare,
+                    prepare=posts.batch_tags,
                     new_message=post_pb2.StreamPostsResponse,
                     rows_field="posts",
                     add=add,

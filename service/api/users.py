@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 from blog.v1 import user_pb2
@@ -257,11 +258,14 @@ class UserServicer(Servicer):
             async with self._store.unit_of_work("snapshot") as uow:
                 users = uow.users
 
-                async def prepare(rows: Sequence[Any]) -> dict[int, int] | None:
-                    return await users.post_counts([r.id for r in rows]) if full else None
+                async def prepare(rows: Sequence[Any]) -> Iterable[int]:
+                    if not full:
+                        return repeat(0)
+                    counts = await users.post_counts([r.id for r in rows])
+                    return [counts.get(r.id, 0) for r in rows]
 
-                def add(put: Callable[..., Any], row: Any, counts: dict[int, int] | None) -> int:
-                    return add_user(put, row, counts.get(row.id, 0) if counts else 0)[1]
+                def add(put: Callable[..., Any], row: Any, post_count: int) -> int:
+                    return add_user(put, row, post_count)[1]
 
                 await send_batches(
                     call,
