@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import NullType
 
 from service.db.models import (
     post_tags_table,
@@ -209,7 +210,8 @@ def _tags_column(*, postgres: bool) -> Any:
     links = post_tags_table.c
     if postgres:
         ids = select(links.tag_id).where(links.post_id == _P.id).scalar_subquery()
-        return type_coerce(func.array(ids), ARRAY(BigInteger)).label("tags")
+        # NullType: the driver's list of ints as it is (ARRAY's processing copies it).
+        return type_coerce(func.array(ids), NullType()).label("tags")
     tags = tags_table.c
     names = select(func.group_concat(tags.name, ","))
     names = names.join_from(tags_table, post_tags_table, links.tag_id == tags.id)
