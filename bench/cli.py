@@ -183,10 +183,11 @@ def main(argv: list[str] | None = None) -> None:
             _log("\nround trips to PostgreSQL per call:")
             for name, (n, summary) in round_trips.items():
                 _log(f"  {n:3}  {name}: {summary[:160]}")
-        if runner.profile is not None and runner.profile.own:
-            _log("\nhottest functions in GetUser (own samples):")
-            for func, count in runner.profile.own[:10]:
-                _log(f"  {count / runner.profile.samples:6.1%}  {func}")
+        for method, spied in runner.profiles.items():
+            if spied.samples:
+                _log(f"\nwhere {method}'s time goes (total samples):")
+                for func, count in report.profile_rows(spied)[:8]:
+                    _log(f"  {count / spied.samples:6.1%}  {func}")
         seconds = time.monotonic() - started
         if args.output != "-":
             output = Path(args.output)
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             report.write_markdown(
                 output,
                 results=results,
-                profile=runner.profile,
+                profiles=runner.profiles,
                 run={
                     "args": " ".join(argv if argv is not None else sys.argv[1:]),
                     "date": report.utc_now(),

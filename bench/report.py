@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.profile import ProfileSummary
+from bench.profile import LAYERS, ProfileSummary
 
 
 @dataclass
@@ -404,7 +404,7 @@ def write_markdown(
     path: Path,
     *,
     results: dict[str, Result],
-    profile: ProfileSummary | None,
+    profiles: dict[str, ProfileSummary],
     run: dict[str, Any],
     pg_version: str,
     problems: list[str] | None = None,
@@ -520,59 +520,7 @@ def write_markdown(
     out.append("")
     out.append("## Where the time goes")
     out.append("")
-    if profile is None:
-        out.append("_Not profiled in this run (`--only` without `profile`)._")
-    elif profile.error:
-        out.append(f"_Profiling failed: {profile.error}_")
-    else:
-        expected = profile.seconds * profile.rate
-        command = f"py-spy record --format raw --nolineno --gil --rate {profile.rate}"
-        held = profile.samples / expected
-        out.append(
-            f"`{command}` of the one-worker server for {profile.seconds:.0f} s under the "
-            "GetUser load (a separate run from the measured one): "
-            f"{profile.samples:,} samples taken while a thread held the GIL, i.e. the GIL "
-            f"was held {held:.0%} of the time. Own = the function itself was running (the "
-            "leaf frame); total = the function was anywhere on the stack. C/Cython code "
-            "(uvloop, grpc's cygrpc, asyncpg's protocol) is attributed to the Python frame "
-            "that called it: own samples of `Runner.run` are uvloop's C loop running "
-            "gRPC's and asyncpg's callbacks. SQLAlchemy's greenlet-run code shows as stacks "
-            "rooted at `greenlet_spawn`'s greenlet, so its totals do not include the outer "
-            "frames."
-        )
-        out.append("")
-        out.append("Own samples by layer (leaf frame's package):")
-        out.append("")
-        out.append(
-            markdown_table(
-                ["Layer", "Own samples", "Share"],
-                [[n, f"{c:,}", f"{c / profile.samples:.0%}"] for n, c in profile.layers],
-            )
-        )
-        out.append("")
-        out.append("Top functions by own samples:")
-        out.append("")
-        out.append(
-            markdown_table(
-                ["#", "Function", "Own", "Share"],
-                [
-                    [str(i), f"`{f}`", f"{c:,}", f"{c / profile.samples:.1%}"]
-                    for i, (f, c) in enumerate(profile.own, 1)
-                ],
-            )
-        )
-        out.append("")
-        out.append("Top functions by total samples:")
-        out.append("")
-        out.append(
-            markdown_table(
-                ["#", "Function", "Total", "Share"],
-                [
-                    [str(i), f"`{f}`", f"{c:,}", f"{c / profile.samples:.1%}"]
-                    for i, (f, c) in enumerate(profile.total, 1)
-                ],
-            )
-        )
+    out.extend(_profile_sections(profiles))
     out.append("")
     out.append("## Reading")
     out.append("")
@@ -580,6 +528,64 @@ def write_markdown(
     out.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
+
+
+# Frames that say nothing about where a call's time goes: the handler wrapper every call
+# passes through, and the stacks' roots.
+_PLUMBING = ("HandlerFactory._wrap", "_bounded (", "run_once_more_if_transient", "greenlet_spawn")
+
+
+def profile_rows(summary: ProfileSummary) -> list[tuple[str, int]]:
+    """The functions a method's samples were in (total samples), plumbing left out, with
+    uvloop's C loop (gRPC and asyncpg's Cython callbacks) as one row of its own."""
+    rows = [(f, c) for f, c in summary.total if not f.startswith(_PLUMBING)]
+    loop = dict(summary.layers).get(LAYERS[0][0], 0)
+    return sorted([*rows, ("(C) uvloop, gRPC core, asyncpg protocol", loop)], key=lambda r: -r[1])
+
+
+def _profile_sections(profiles: dict[str, ProfileSummary]) -> list[str]:
+    if not profiles:
+        return ["_Not profiled in this run (`--only` without `profile`)._"]
+    first = next(iter(profiles.values()))
+    out = [
+        f"`py-spy record --format raw --nolineno --gil --rate {first.rate}` of the one-worker "
+        f"server for {first.seconds:.0f} s under each method's load in turn (runs of their "
+        "own, after the measured ones). Samples are taken while a thread holds the GIL. "
+        "*Total* = the function was anywhere on the stack, so rows overlap; C and Cython code "
+        "(uvloop, gRPC's cygrpc, asyncpg's protocol) counts under the Python frame that "
+        "called it, and the loop's own C work is its own row. SQLAlchemy's greenlet-run "
+        "code is rooted at `greenlet_spawn`, so its totals leave out the outer frames. "
+        "The handler wrapper every call passes through is left out.",
+        "",
+    ]
+    for label, summary in profiles.items():
+        out.append(f"### {label}")
+        out.append("")
+        if summary.error:
+            out.append(f"_Profiling failed: {summary.error}_")
+            out.append("")
+            continue
+        held = summary.samples / (summary.seconds * summary.rate)
+        layers = ", ".join(
+            f"{name.split(' (')[0]} {count / summary.samples:.0%}"
+            for name, count in summary.layers[:5]
+        )
+        out.append(
+            f"{summary.samples:,} samples (GIL held {held:.0%} of the time). "
+            f"Own samples by layer: {layers}."
+        )
+        out.append("")
+        out.append(
+            markdown_table(
+                ["Function", "Total", "Share"],
+                [
+                    [f"`{f}`", f"{c:,}", f"{c / summary.samples:.0%}"]
+                    for f, c in profile_rows(summary)[:12]
+                ],
+            )
+        )
+        out.append("")
+    return out
 
 
 def utc_now() -> str:

@@ -60,7 +60,7 @@ FULL = Profile(
     warmup=2.0,
     duration=8.0,
     page_duration=6.0,
-    profile_seconds=10.0,
+    profile_seconds=6.0,
     stream_timeout=300.0,
     ceiling_duration=10.0,
 )
@@ -128,7 +128,7 @@ class Runner:
         self.log = log
         self.results: dict[str, Result] = {}
         self.servers: dict[str, Server] = {}
-        self.profile: profiling.ProfileSummary | None = None
+        self.profiles: dict[str, profiling.ProfileSummary] = {}  # by method
         self.problems: list[str] = []  # loud findings for the report (e.g. a broken CLI)
         self._tokens: dict[str, Any] | None = None
 
@@ -815,48 +815,78 @@ class Runner:
         finally:
             self.stop_server(kind)
 
+    def profiled_methods(self) -> list[tuple[str, str, dict[str, Any], int]]:
+        """(label, workload, params, calls in flight per client) for each method profiled."""
+        page = {"tokens": self.tokens()["strides"], "page_size": 50}
+        return [
+            ("GetUser", "get_user", {"users": self.p.users}, self.p.concurrency),
+            ("ListPosts page 50 BASIC", "list_posts", {**page, "view": 1}, self.p.concurrency),
+            ("ListPosts page 50 FULL", "list_posts", {**page, "view": 2}, self.p.concurrency),
+            ("StreamPosts", "stream_posts", {}, 1),
+            ("UpdateUser", "update_user", {"users": self.p.users}, self.p.concurrency),
+            (
+                "CreatePost",
+                "create_post",
+                {"users": self.p.users, "tags": tag_names(self.p.tags)},
+                self.p.concurrency,
+            ),
+            (
+                "BatchCreateUsers",
+                "batch_create_users",
+                {"batch": 1000, "prefix": f"p{int(time.time()) % 100000}"},
+                self.p.batch_concurrency,
+            ),
+        ]
+
     def s_profile(self) -> None:
+        """py-spy on the one-worker server under each method's load in turn (a run of its
+        own, after the measured ones): where each method's time goes. BENCH_PROFILE_ONLY
+        (comma-separated labels' first words, e.g. `GetUser,ListPosts`) narrows it."""
         server = self.server(os.environ.get("BENCH_PROFILE_SERVER", "service"))
         seconds = self.p.profile_seconds
-        workload = os.environ.get("BENCH_PROFILE_WORKLOAD", "get_user")
-        params: dict[str, Any] = {"users": self.p.users}
-        if workload == "create_post":
-            params["tags"] = tag_names(self.p.tags)
-        if workload == "list_posts":
-            view = int(os.environ.get("BENCH_PROFILE_VIEW", "1"))
-            params = {"tokens": self.tokens()["strides"], "page_size": 50, "view": view}
-        out = self.workdir / "get_user.pyspy.txt"
-        spec = LoadSpec(
-            target=server.target,
-            workload=workload,
-            params=params,
-            concurrency=self.p.concurrency,
-            channels=self.p.channels,
-            warmup=self.p.warmup,
-            duration=seconds + 1.0,
-        )
-        specs = [LoadSpec(**{**spec.__dict__, "seed": 100 + i}) for i in range(self.p.clients)]
-        t0 = self.clients.start(specs)
-        _sleep_until(t0 + spec.warmup)
+        wanted = {w for w in os.environ.get("BENCH_PROFILE_ONLY", "").split(",") if w}
         rate = 250
-        spy = profiling.start(server.proc.pid, seconds, out, rate=rate)
-        if spy is None:
-            self.profile = profiling.ProfileSummary(0, seconds, rate, error="py-spy not found")
-        else:
-            try:
-                spy.wait(timeout=seconds + 30)
-            finally:
-                procs.stop(spy)
-        self.clients.results(self.p.clients, 60)
-        if spy is not None:
-            if out.exists() and out.stat().st_size > 0:
-                self.profile = profiling.summarise(out, seconds, rate)
-                self.log(
-                    f"  profile: {self.profile.samples} samples; top own: "
-                    + ", ".join(f"{f} {c}" for f, c in self.profile.own[:3])
+        for label, workload, params, concurrency in self.profiled_methods():
+            if wanted and label.split()[0] not in wanted:
+                continue
+            out = self.workdir / f"{workload}{params.get('view', '')}.pyspy.txt"
+            spec = LoadSpec(
+                target=server.target,
+                workload=workload,
+                params=params,
+                concurrency=concurrency,
+                channels=min(self.p.channels, concurrency),
+                warmup=self.p.warmup,
+                duration=seconds + 1.0,
+                timeout={"stream_posts": self.p.stream_timeout, "batch_create_users": 60.0}.get(
+                    workload, 10.0
+                ),
+            )
+            specs = [LoadSpec(**{**spec.__dict__, "seed": 100 + i}) for i in range(self.p.clients)]
+            t0 = self.clients.start(specs)
+            _sleep_until(t0 + spec.warmup)
+            spy = profiling.start(server.proc.pid, seconds, out, rate=rate)
+            if spy is None:
+                self.profiles[label] = profiling.ProfileSummary(
+                    0, seconds, rate, error="py-spy not found"
                 )
             else:
-                self.profile = profiling.ProfileSummary(
+                try:
+                    spy.wait(timeout=seconds + 30)
+                finally:
+                    procs.stop(spy)
+            self.clients.results(self.p.clients, spec.timeout + seconds + 60)
+            if spy is None:
+                continue
+            if out.exists() and out.stat().st_size > 0:
+                summary = profiling.summarise(out, seconds, rate, top=40)
+                self.profiles[label] = summary
+                self.log(
+                    f"  profile {label}: {summary.samples} samples; top total: "
+                    + ", ".join(f"{f} {c}" for f, c in summary.total[:3])
+                )
+            else:
+                self.profiles[label] = profiling.ProfileSummary(
                     0,
                     seconds,
                     rate,
