@@ -161,7 +161,10 @@ async def read_ahead(source: AsyncGenerator[T], *, eager: Callable[[T], bool]) -
         finally:
             if step is not None:
                 if not step.done():
-                    step.cancel()
+                    # A consumer cancelled while awaiting the step has cancelled it already:
+                    # a second cancel would cut short the cleanup it is running.
+                    if not step.cancelling():
+                        step.cancel()
                     await asyncio.wait([step])
                 if not step.cancelled():
                     step.exception()  # retrieved: the consumer's own error is the one raised
