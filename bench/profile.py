@@ -42,6 +42,9 @@ class ProfileSummary:
     own: list[tuple[str, int]] = field(default_factory=list)
     total: list[tuple[str, int]] = field(default_factory=list)
     layers: list[tuple[str, int]] = field(default_factory=list)
+    # Samples by the innermost service function on the stack (the service code that
+    # led to the work, libraries it called included); stacks with none by leaf layer.
+    by_service: list[tuple[str, int]] = field(default_factory=list)
     raw_path: str = ""
     error: str | None = None
 
@@ -83,7 +86,7 @@ def _short(frame: str) -> str:
     if not match:
         return frame.strip()
     path = match.group("file")
-    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+    for marker in ("site-packages/", "lib/python3.11/", f"{procs.ROOT}/"):
         if marker in path:
             path = path.split(marker, 1)[1]
     return f"{match.group('func')} ({path})"
@@ -101,10 +104,18 @@ def _layer(frame: str) -> str:
     return "other"
 
 
+def _innermost_service(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        if "(service/" in frame and "(service/__main__.py)" not in frame:
+            return frame
+    return f"[{_layer(frames[-1]).split(' (')[0]}]"
+
+
 def summarise(path: Path, seconds: float, rate: int, top: int = 15) -> ProfileSummary:
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     layers: Counter[str] = Counter()
+    by_service: Counter[str] = Counter()
     samples = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -117,6 +128,7 @@ def summarise(path: Path, seconds: float, rate: int, top: int = 15) -> ProfileSu
         samples += count
         own[frames[-1]] += count
         layers[_layer(frames[-1])] += count
+        by_service[_innermost_service(frames)] += count
         for frame in set(frames):
             if not any(w in frame for w in _WRAPPERS):
                 total[frame] += count
@@ -127,5 +139,6 @@ def summarise(path: Path, seconds: float, rate: int, top: int = 15) -> ProfileSu
         own=own.most_common(top),
         total=total.most_common(top),
         layers=layers.most_common(),
+        by_service=by_service.most_common(top),
         raw_path=str(path),
     )

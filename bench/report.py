@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.profile import LAYERS, ProfileSummary
+from bench.profile import ProfileSummary
 
 
 @dataclass
@@ -530,17 +530,10 @@ def write_markdown(
     path.write_text("\n".join(out))
 
 
-# Frames that say nothing about where a call's time goes: the handler wrapper every call
-# passes through, and the stacks' roots.
-_PLUMBING = ("HandlerFactory._wrap", "_bounded (", "run_once_more_if_transient", "greenlet_spawn")
-
-
 def profile_rows(summary: ProfileSummary) -> list[tuple[str, int]]:
-    """The functions a method's samples were in (total samples), plumbing left out, with
-    uvloop's C loop (gRPC and asyncpg's Cython callbacks) as one row of its own."""
-    rows = [(f, c) for f, c in summary.total if not f.startswith(_PLUMBING)]
-    loop = dict(summary.layers).get(LAYERS[0][0], 0)
-    return sorted([*rows, ("(C) uvloop, gRPC core, asyncpg protocol", loop)], key=lambda r: -r[1])
+    """Where a method's samples were: by the innermost service function on the stack
+    (with what it called), or, with none, by the leaf's layer in brackets."""
+    return summary.by_service
 
 
 def _profile_sections(profiles: dict[str, ProfileSummary]) -> list[str]:
@@ -550,12 +543,13 @@ def _profile_sections(profiles: dict[str, ProfileSummary]) -> list[str]:
     out = [
         f"`py-spy record --format raw --nolineno --gil --rate {first.rate}` of the one-worker "
         f"server for {first.seconds:.0f} s under each method's load in turn (runs of their "
-        "own, after the measured ones). Samples are taken while a thread holds the GIL. "
-        "*Total* = the function was anywhere on the stack, so rows overlap; C and Cython code "
-        "(uvloop, gRPC's cygrpc, asyncpg's protocol) counts under the Python frame that "
-        "called it, and the loop's own C work is its own row. SQLAlchemy's greenlet-run "
-        "code is rooted at `greenlet_spawn`, so its totals leave out the outer frames. "
-        "The handler wrapper every call passes through is left out.",
+        "own, after the measured ones). Samples are taken while a thread holds the GIL. Each "
+        "sample counts once, for the innermost *service* function on its stack, together "
+        "with the library code that function called; a sample with no service frame counts "
+        "for its leaf's layer, in brackets: `[uvloop + gRPC C core]` is uvloop's C loop "
+        "running gRPC's and asyncpg's Cython callbacks (reading, writing and framing "
+        "messages), and `[sqlalchemy]` is mostly SQLAlchemy's greenlet-run code, whose "
+        "stacks py-spy roots at `greenlet_spawn` without the service frames above it.",
         "",
     ]
     for label, summary in profiles.items():
@@ -577,7 +571,7 @@ def _profile_sections(profiles: dict[str, ProfileSummary]) -> list[str]:
         out.append("")
         out.append(
             markdown_table(
-                ["Function", "Total", "Share"],
+                ["Where (innermost service function, or layer)", "Samples", "Share"],
                 [
                     [f"`{f}`", f"{c:,}", f"{c / summary.samples:.0%}"]
                     for f, c in profile_rows(summary)[:12]

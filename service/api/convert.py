@@ -58,8 +58,16 @@ def add_user(make: UserFactory, row: Any, post_count: int = 0) -> tuple[user_pb2
         etag=etag_of(row.version),
         post_count=post_count,
     )
-    set_timestamp(user.create_time, row.create_time)
-    set_timestamp(user.update_time, row.update_time)
+    # Inline, as in add_post: a batch of 1,000 users sets 2,000 timestamps.
+    epoch = _EPOCH
+    delta = row.create_time - epoch
+    stamp = user.create_time
+    stamp.seconds = delta.days * 86400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1000
+    delta = row.update_time - epoch
+    stamp = user.update_time
+    stamp.seconds = delta.days * 86400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1000
     if row.delete_time is not None:
         set_timestamp(user.delete_time, row.delete_time)
     return user, _user_bytes(row.username, row.email, display_name, bio)

@@ -27,6 +27,8 @@ _ASCII_UPPER_TO_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijk
 
 def ascii_lower(value: str) -> str:
     """Lower-case ASCII letters only, as the contract says for usernames and tags."""
+    if value.isascii():  # str.lower is 4x faster, and the same on ASCII
+        return value.lower()
     return value.translate(_ASCII_UPPER_TO_LOWER)
 
 
@@ -46,7 +48,8 @@ class Violations(FieldViolations):
     def email(self, field: str, value: str) -> str:
         if not self.text(field, value, max_length=254, required=True):
             return value
-        if not _EMAIL.fullmatch(value) or len(value.split("@")[0]) > 64:
+        # The pattern admits exactly one "@": the local part is what precedes it.
+        if not _EMAIL.fullmatch(value) or value.index("@") > 64:
             self.add(field, "must be a valid email address")
         return value
 
