@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.engine import Database, Mode
 from service.db.errors import is_unavailable, translate
@@ -120,7 +120,6 @@ class UnitOfWork:
         "_posts",
         "_session",
         "_token_keys",
-        "_transaction",
         "_users",
         "_wants_transaction",
     )
@@ -135,25 +134,17 @@ class UnitOfWork:
         self._open = open_session
         self._on_error = on_error
         self._wants_transaction = transaction
-        self._transaction: AsyncSessionTransaction | None = None
         self._users: UserRepository | None = None
         self._posts: PostRepository | None = None
         self._idempotency: IdempotencyRepository | None = None
         self._token_keys: TokenKeyRepository | None = None
 
     async def __aenter__(self) -> UnitOfWork:
-        session = self._session = await self._open()
-        if self._wants_transaction:
-            # Nothing reaches the database yet: SQLAlchemy begins with the first statement.
-            transaction = session.begin()
-            try:
-                await transaction.__aenter__()
-            except BaseException:
-                await session.close()
-                raise
-            self._transaction = transaction
-        # Autocommit ("read"): nothing to commit or roll back, so no SessionTransaction
-        # ceremony on the hottest path.
+        # The session begins its transaction with the first statement (autobegin; an
+        # explicit `session.begin()` would reach the database no sooner and cost a trip
+        # through SQLAlchemy's greenlet and a SessionTransaction context a call).
+        # Autocommit ("read"): nothing to commit or roll back at all.
+        self._session = await self._open()
         return self
 
     async def __aexit__(
@@ -166,8 +157,9 @@ class UnitOfWork:
         failure = exc if isinstance(exc, Exception) else None
         try:
             try:
-                if self._transaction is not None:  # COMMIT, or ROLLBACK after an exception
-                    await self._transaction.__aexit__(exc_type, exc, traceback)
+                # COMMIT when the block ended well; otherwise closing rolls back.
+                if self._wants_transaction and exc is None:
+                    await session.commit()
             except Exception as error:
                 failure = error
                 raise
