@@ -58,16 +58,8 @@ def add_user(make: UserFactory, row: Any, post_count: int = 0) -> tuple[user_pb2
         etag=etag_of(row.version),
         post_count=post_count,
     )
-    # Inline, as in add_post: a batch of 1,000 users sets 2,000 timestamps.
-    epoch = _EPOCH
-    delta = row.create_time - epoch
-    stamp = user.create_time
-    stamp.seconds = delta.days * 86400 + delta.seconds
-    stamp.nanos = delta.microseconds * 1000
-    delta = row.update_time - epoch
-    stamp = user.update_time
-    stamp.seconds = delta.days * 86400 + delta.seconds
-    stamp.nanos = delta.microseconds * 1000
+    set_timestamp(user.create_time, row.create_time)
+    set_timestamp(user.update_time, row.update_time)
     if row.delete_time is not None:
         set_timestamp(user.delete_time, row.delete_time)
     return user, _user_bytes(row.username, row.email, display_name, bio)
@@ -94,9 +86,9 @@ def add_post(
     """Build a post with `make`, and say about how many bytes it serializes to.
 
     `row` is read by position, in the order repositories.posts.POST_FIELDS, then for
-    FULL its AUTHOR_FIELDS (tests/api/test_convert.py pins the two together): reading a
+    FULL its AUTHOR_FIELDS (tests/unit/test_convert.py pins the two together): reading a
     Core row by index costs about a fifth of reading it by name, and a stream builds a
-    thousand posts a batch. The timestamps are set inline for the same reason."""
+    thousand posts a batch."""
     post_id, author_id, title, body, created, updated, version = row[:7]
     post = make(
         id=post_id,
@@ -106,15 +98,8 @@ def add_post(
         tags=tags,
         etag=etag_of(version),
     )
-    epoch = _EPOCH
-    delta = created - epoch
-    stamp = post.create_time
-    stamp.seconds = delta.days * 86400 + delta.seconds
-    stamp.nanos = delta.microseconds * 1000
-    delta = updated - epoch
-    stamp = post.update_time
-    stamp.seconds = delta.days * 86400 + delta.seconds
-    stamp.nanos = delta.microseconds * 1000
+    set_timestamp(post.create_time, created)
+    set_timestamp(post.update_time, updated)
     size = (
         _FIXED_BYTES
         + (len(title) if title.isascii() else len(title.encode()))

@@ -92,11 +92,10 @@ async def send_batches(
         message.resume_token = token_of(last)  # type: ignore[attr-defined]
         await call.send(message, rows=len(getattr(message, rows_field)))
 
+    def full(batch: tuple[Sequence[Any], Iterable[Any]]) -> bool:
+        return len(batch[0]) >= max_rows
+
     try:
-
-        def full(batch: tuple[Sequence[Any], Iterable[Any]]) -> bool:
-            return len(batch[0]) >= max_rows
-
         async with aclosing(read_ahead(prepared(), eager=full)) as ahead:
             async for rows, extras in ahead:
                 message = new_message()

@@ -261,8 +261,9 @@ class UserServicer(Servicer):
                 async def prepare(rows: Sequence[Any]) -> Iterable[int]:
                     if not full:
                         return repeat(0)
-                    counts = await users.post_counts([r.id for r in rows])
-                    return [counts.get(r.id, 0) for r in rows]
+                    ids = [r.id for r in rows]
+                    counts = await users.post_counts(ids)
+                    return [counts.get(user_id, 0) for user_id in ids]
 
                 def add(put: Callable[..., Any], row: Any, post_count: int) -> int:
                     return add_user(put, row, post_count)[1]
