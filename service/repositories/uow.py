@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from service.db.engine import Database, Mode
 from service.db.errors import is_unavailable, translate
@@ -51,13 +52,14 @@ class Store:
     `on_error` sees every exception a unit of work ends with, before it is translated
     (the metrics count database errors by SQLSTATE class there)."""
 
-    __slots__ = ("_database", "_on_error")
+    __slots__ = ("_database", "_on_error", "_postgres")
 
     def __init__(
         self, database: Database, *, on_error: Callable[[BaseException], None] | None = None
     ) -> None:
         self._database = database
         self._on_error = on_error
+        self._postgres = database.engine.dialect.name == "postgresql"
 
     def unit_of_work(self, mode: Mode = "write") -> UnitOfWork:
         """A unit of work in one of three modes (db/engine.py: SessionFactories): `write`
@@ -68,6 +70,7 @@ class Store:
             lambda: database.open_session(mode),
             transaction=mode != "read",
             on_error=self._on_error,
+            close_with_commit=self._postgres,
         )
 
     async def run(
@@ -110,10 +113,16 @@ class Store:
         return exclusive(self._database.session_factory("write"), name)
 
 
+def _commit_and_close(session: Session) -> None:
+    session.commit()
+    session.close()
+
+
 class UnitOfWork:
     """One call's session and transaction; its repositories are made on first use."""
 
     __slots__ = (
+        "_close_with_commit",
         "_idempotency",
         "_on_error",
         "_open",
@@ -130,10 +139,12 @@ class UnitOfWork:
         *,
         transaction: bool,
         on_error: Callable[[BaseException], None] | None = None,
+        close_with_commit: bool = False,
     ) -> None:
         self._open = open_session
         self._on_error = on_error
         self._wants_transaction = transaction
+        self._close_with_commit = close_with_commit
         self._users: UserRepository | None = None
         self._posts: PostRepository | None = None
         self._idempotency: IdempotencyRepository | None = None
@@ -155,21 +166,32 @@ class UnitOfWork:
     ) -> None:
         session = self._session
         failure = exc if isinstance(exc, Exception) else None
+        closed = False
         try:
             try:
                 # COMMIT when the block ended well; otherwise closing rolls back.
-                if self._wants_transaction and exc is None:
+                if exc is None and self._close_with_commit:
+                    # PostgreSQL: commit and close in one pass through SQLAlchemy's
+                    # greenlet. Once the adapter has committed it holds no transaction,
+                    # so the close only hands the connection back to the pool and never
+                    # waits, and needs no shielding task (AsyncSession.__aexit__ makes
+                    # one a call). An autocommit read commits nothing, but behind a
+                    # transaction-mode pooler its read transaction ends here too.
+                    await session.run_sync(_commit_and_close)
+                    closed = True
+                elif self._wants_transaction and exc is None:
                     await session.commit()
             except Exception as error:
                 failure = error
                 raise
             finally:
-                if failure is not None and is_unavailable(failure):
-                    # A driver-level statement may have hit a dead connection that
-                    # SQLAlchemy never saw fail: never give it back to the pool.
-                    with contextlib.suppress(Exception):
-                        await session.invalidate()
-                await session.__aexit__(exc_type, exc, traceback)  # close, shielded
+                if not closed:
+                    if failure is not None and is_unavailable(failure):
+                        # A driver-level statement may have hit a dead connection that
+                        # SQLAlchemy never saw fail: never give it back to the pool.
+                        with contextlib.suppress(Exception):
+                            await session.invalidate()
+                    await session.__aexit__(exc_type, exc, traceback)  # close, shielded
         except Exception as error:
             if self._on_error is not None:
                 self._on_error(error)
