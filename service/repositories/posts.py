@@ -22,11 +22,13 @@ from sqlalchemy import (
     literal,
     null,
     select,
-    text,
+    true,
     type_coerce,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import NullType
 
@@ -47,18 +49,6 @@ from service.repositories.streaming import byte_bounded, stream_partitions
 from service.repositories.tag_names import tag_names
 
 PostRow: TypeAlias = Row[*tuple[Any, ...]]
-
-# A post's tags linked in one statement (PostgreSQL): the missing tags created (ON
-# CONFLICT DO NOTHING: a concurrent creator wins), the existing ones found, and a link
-# to each inserted; three statements before (insert tags, read their ids, link).
-_LINK_TAGS = text(
-    "WITH wanted AS (SELECT DISTINCT unnest(CAST(:names AS text[])) AS name),"
-    " created AS (INSERT INTO tags (name) SELECT name FROM wanted"
-    " ON CONFLICT DO NOTHING RETURNING id),"
-    " found AS (SELECT id FROM created"
-    " UNION ALL SELECT t.id FROM tags t JOIN wanted w ON w.name = t.name)"
-    " INSERT INTO post_tags (post_id, tag_id) SELECT :post_id, id FROM found"
-).bindparams(bindparam("post_id", type_=BigInteger), bindparam("names", type_=ARRAY(String)))
 
 _P = posts_table.c
 _U = users_table.c
@@ -282,6 +272,59 @@ def _create_statement() -> Any:
 _CREATE = _create_statement()
 
 
+def _linking(post: Any | None) -> Any:
+    """A post's tags linked (PostgreSQL), as a CTE with a row per link: the names bound
+    as `names`, the missing tags created (ON CONFLICT DO NOTHING: a concurrent creator
+    wins), the existing ones found, and a link to each from the post bound as `post_id`,
+    or from the row `post` (an inserting CTE) returns. The caller compares the links with the names:
+    a tag another transaction committed while this waited on its insert is invisible to
+    this statement's snapshot, so it is neither created nor found (`_link_tags`)."""
+    tags = tags_table.c
+    wanted = (
+        select(func.unnest(bindparam("names", type_=ARRAY(String))).label("name"))
+        .distinct()
+        .cte("wanted")
+    )
+    created = (
+        pg_insert(tags_table)
+        .from_select(["name"], select(wanted.c.name))
+        .on_conflict_do_nothing()
+        .returning(tags.id)
+        .cte("created")
+    )
+    found = union_all(
+        select(created.c.id), select(tags.id).join(wanted, wanted.c.name == tags.name)
+    ).cte("found")
+    if post is None:
+        links = select(bindparam("post_id", type_=BigInteger), found.c.id)
+    else:
+        links = select(post.c.id, found.c.id).select_from(post.join(found, true()))
+    return (
+        insert(post_tags_table)
+        .from_select(["post_id", "tag_id"], links)
+        .returning(post_tags_table.c.tag_id)
+        .cte("linked")
+    )
+
+
+def _links_statement() -> Any:
+    """Tags linked to an existing post in one statement, returning how many links."""
+    return select(func.count()).select_from(_linking(None))
+
+
+def _create_tagged_statement() -> Any:
+    """CreatePost with tags in one statement (PostgreSQL): `_CREATE` as a CTE, its tags
+    linked to what it inserted, and the post's row with a last column, `linked`, the
+    links made. No row: no live author (and nothing linked)."""
+    post = _CREATE.cte("post")
+    linked = select(func.count()).select_from(_linking(post)).scalar_subquery()
+    return select(post, linked.label("linked"))
+
+
+_LINK_TAGS = _links_statement()
+_CREATE_TAGGED = _create_tagged_statement()
+
+
 class PostRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -296,6 +339,16 @@ class PostRepository:
         concurrent DeleteUser cannot slip in before the commit (SQLite: BEGIN IMMEDIATE
         serialises the writers already); no row inserted means no live author."""
         params = {"author_id": author_id, "title": title, "body": body, "now": utcnow()}
+        if tags and is_postgres(self._session):
+            # The post and its tag links in one statement: a round trip fewer.
+            row = (
+                await self._session.execute(_CREATE_TAGGED, {**params, "names": list(tags)})
+            ).first()
+            if row is None:
+                raise author_not_live(author_id)
+            if row.linked != len(set(tags)):
+                await self._link_rest(row.id, names=tags)
+            return row
         row = (await self._session.execute(_CREATE, params)).first()
         if row is None:
             raise author_not_live(author_id)
@@ -348,15 +401,18 @@ class PostRepository:
         if not names:
             return
         if is_postgres(self._session):
-            linked = await self._session.execute(
-                _LINK_TAGS, {"post_id": post_id, "names": list(names)}
-            )
-            if linked.rowcount == len(set(names)):  # type: ignore[attr-defined]
+            params = {"post_id": post_id, "names": list(names)}
+            linked = (await self._session.execute(_LINK_TAGS, params)).scalar_one()
+            if linked == len(set(names)):
                 return
-            # A tag another transaction created after this statement's snapshot was
-            # taken: ON CONFLICT skipped it and the snapshot cannot see it. Rare; the
-            # two statements below each take a new snapshot (READ COMMITTED) and link
-            # the rest. (SQLite: these two are the way, as it has no INSERT in a WITH.)
+        await self._link_rest(post_id, names=names)
+
+    async def _link_rest(self, post_id: int, *, names: Sequence[str]) -> None:
+        """Link the post to each of `names` not linked yet, creating the missing tags, in
+        two statements that each take a new snapshot (READ COMMITTED): the way on SQLite,
+        which has no INSERT in a WITH, and on PostgreSQL the rare second pass after a tag
+        another transaction created after `_linking`'s snapshot was taken (ON CONFLICT
+        skipped it and the snapshot could not see it)."""
         await self._session.execute(
             insert_ignore(self._session, tags_table), [{"name": name} for name in names]
         )

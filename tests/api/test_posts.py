@@ -663,23 +663,31 @@ async def test_posts_of_a_deleted_author_stay_readable(users, posts) -> None:
 @postgres_only
 async def test_create_post_waits_for_an_uncommitted_author_delete(backend, users, posts) -> None:
     """The exact interleaving a missing share lock lets through: the author's delete is
-    in flight when CreatePost checks; once it commits, the create must be refused."""
-    author = await new_author(users)
-    connection = await asyncpg.connect(raw_dsn(backend.direct_url))
-    try:
-        transaction = connection.transaction()
-        await transaction.start()
-        await connection.execute(
-            "UPDATE users SET delete_time = now(), version = version + 1 WHERE id = $1",
-            author.id,
-        )
-        creating = asyncio.ensure_future(create(posts, author.id))
-        await asyncio.sleep(0.5)
-        await transaction.commit()
-    finally:
-        await connection.close()
-    await expect_error(creating, grpc.StatusCode.FAILED_PRECONDITION, "AUTHOR_NOT_LIVE")
-    assert await ids_of(posts, f"author_id = {author.id}") == []
+    in flight when CreatePost checks; once it commits, the create must be refused, with
+    or without tags (one statement inserts the post and links its tags), and a tag the
+    refused create would have made is not left behind."""
+    for tags in ([], [unique("never-")]):
+        author = await new_author(users)
+        connection = await asyncpg.connect(raw_dsn(backend.direct_url))
+        try:
+            transaction = connection.transaction()
+            await transaction.start()
+            await connection.execute(
+                "UPDATE users SET delete_time = now(), version = version + 1 WHERE id = $1",
+                author.id,
+            )
+            creating = asyncio.ensure_future(create(posts, author.id, tags=tags))
+            await asyncio.sleep(0.5)
+            assert not creating.done()  # waiting on the author's row
+            await transaction.commit()
+            await expect_error(creating, grpc.StatusCode.FAILED_PRECONDITION, "AUTHOR_NOT_LIVE")
+            made = await connection.fetchval(
+                "SELECT count(*) FROM tags WHERE name = any($1::text[])", tags
+            )
+        finally:
+            await connection.close()
+        assert made == 0, tags
+        assert await ids_of(posts, f"author_id = {author.id}") == []
 
 
 @postgres_only
@@ -709,7 +717,8 @@ async def test_create_post_links_a_tag_committed_while_it_waited(backend, users,
 
 async def test_delete_user_racing_create_post_never_orphans_a_post(backend, users, posts) -> None:
     """Many rounds of CreatePost and DeleteUser at once (the delete staggered by 0-4 ms to
-    vary the interleaving): a post that exists was created before its author was deleted."""
+    vary the interleaving, every other round with a tag): a post that exists was created
+    before its author was deleted."""
     rounds = 60
     outcomes = {"created": 0, "refused": 0}
 
@@ -719,8 +728,9 @@ async def test_delete_user_racing_create_post_never_orphans_a_post(backend, user
 
     for round_number in range(rounds):
         author = await new_author(users)
+        tags = [unique("raced-")] if round_number % 2 else []
         created, deleted = await asyncio.gather(
-            create(posts, author.id),
+            create(posts, author.id, tags=tags),
             delete_after(author.id, (round_number % 5) / 1000),
             return_exceptions=True,
         )
