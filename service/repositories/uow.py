@@ -20,7 +20,7 @@ from typing import TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from service.db.engine import Database, Mode
+from service.db.engine import Database, Mode, is_pooled
 from service.db.errors import is_unavailable, translate
 from service.db.routing import strong_reads
 from service.errors import TransactionConflict
@@ -52,14 +52,27 @@ class Store:
     `on_error` sees every exception a unit of work ends with, before it is translated
     (the metrics count database errors by SQLSTATE class there)."""
 
-    __slots__ = ("_database", "_on_error", "_postgres")
+    __slots__ = ("_database", "_finish", "_on_error")
 
     def __init__(
         self, database: Database, *, on_error: Callable[[BaseException], None] | None = None
     ) -> None:
         self._database = database
         self._on_error = on_error
-        self._postgres = database.engine.dialect.name == "postgresql"
+        # How a unit of work that ended well finishes its session in one step, by mode
+        # (None: commit, then AsyncSession's shielded close). See UnitOfWork.__aexit__.
+        self._finish: dict[Mode, Callable[[Session], None] | None] = {
+            "write": None,
+            "read": None,
+            "snapshot": None,
+        }
+        if database.engine.dialect.name == "postgresql":
+            pooled = is_pooled(database.read_engine)
+            self._finish = {
+                "write": _commit_and_close,
+                "read": _commit_and_close if pooled else Session.close,
+                "snapshot": _commit_and_close,
+            }
 
     def unit_of_work(self, mode: Mode = "write") -> UnitOfWork:
         """A unit of work in one of three modes (db/engine.py: SessionFactories): `write`
@@ -70,7 +83,7 @@ class Store:
             lambda: database.open_session(mode),
             transaction=mode != "read",
             on_error=self._on_error,
-            close_with_commit=self._postgres,
+            finish=self._finish[mode],
         )
 
     async def run(
@@ -122,7 +135,7 @@ class UnitOfWork:
     """One call's session and transaction; its repositories are made on first use."""
 
     __slots__ = (
-        "_close_with_commit",
+        "_finish",
         "_idempotency",
         "_on_error",
         "_open",
@@ -139,12 +152,12 @@ class UnitOfWork:
         *,
         transaction: bool,
         on_error: Callable[[BaseException], None] | None = None,
-        close_with_commit: bool = False,
+        finish: Callable[[Session], None] | None = None,
     ) -> None:
         self._open = open_session
         self._on_error = on_error
         self._wants_transaction = transaction
-        self._close_with_commit = close_with_commit
+        self._finish = finish
         self._users: UserRepository | None = None
         self._posts: PostRepository | None = None
         self._idempotency: IdempotencyRepository | None = None
@@ -170,14 +183,14 @@ class UnitOfWork:
         try:
             try:
                 # COMMIT when the block ended well; otherwise closing rolls back.
-                if exc is None and self._close_with_commit:
+                if exc is None and self._finish is not None:
                     # PostgreSQL: commit and close in one pass through SQLAlchemy's
-                    # greenlet. Once the adapter has committed it holds no transaction,
-                    # so the close only hands the connection back to the pool and never
-                    # waits, and needs no shielding task (AsyncSession.__aexit__ makes
-                    # one a call). An autocommit read commits nothing, but behind a
-                    # transaction-mode pooler its read transaction ends here too.
-                    await session.run_sync(_commit_and_close)
+                    # greenlet. Once the adapter has committed it holds no transaction
+                    # (nor does an autocommit read's), so the close only hands the
+                    # connection back to the pool and never waits: it needs no
+                    # shielding task (AsyncSession.__aexit__ makes one a call). Behind
+                    # a transaction-mode pooler a read is a transaction, so it commits.
+                    await session.run_sync(self._finish)
                     closed = True
                 elif self._wants_transaction and exc is None:
                     await session.commit()
