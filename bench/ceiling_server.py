@@ -12,6 +12,13 @@ service's own server options (service.server.server_options):
   batch becomes one StreamPostsResponse of 1,000 Post messages built in place. Same
   rows, same order, same fields as StreamPosts BASIC (less the resume token).
 - grpc.health.v1 with blog.v1.UserService SERVING, so readiness is polled the same way.
+
+With `--get-user session`, GetUser is instead the session rule's floor: what any
+GetUser that keeps DESIGN.md's rule (an AsyncSession per call) pays at the least. It
+parses the request, opens a session on a pool like the service's (autocommit reads),
+fetches the row at driver level through the session's connection, closes the session
+in one greenlet pass, and builds the User message: the service's own data path, with
+no validation, routing, metrics, logs or error mapping around it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import asyncpg
 import grpc
 import uvloop
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
 
 from bench.seed import asyncpg_dsn
 from bench.serving import serve_until_signalled
@@ -37,6 +46,10 @@ POSTS_SQL = (
 TAGS_SQL = (
     "SELECT pt.post_id, t.name FROM post_tags pt JOIN tags t ON t.id = pt.tag_id"
     " WHERE pt.post_id = ANY($1::bigint[]) ORDER BY pt.post_id, t.name"
+)
+USER_SQL = (
+    "SELECT id, username, email, display_name, bio, create_time, update_time, delete_time,"
+    " version FROM users WHERE id = $1"
 )
 BATCH = 1000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -94,6 +107,47 @@ class Ceilings:
                 yield _batch(rows, tags)
 
 
+class SessionFloor:
+    """GetUser with an AsyncSession per call and nothing else (`--get-user session`)."""
+
+    def __init__(self, database_url: str, pool_size: int) -> None:
+        self._engine = create_async_engine(
+            database_url, pool_size=pool_size, max_overflow=0, isolation_level="AUTOCOMMIT"
+        )
+        self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def get_user(self, request: bytes, context: Any) -> bytes:
+        user_id = user_pb2.GetUserRequest.FromString(request).id
+        session: AsyncSession = self._sessions()
+        try:
+            connection = await session.connection()
+            driver: Any = connection.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+            row = await driver.fetchrow(USER_SQL, user_id)
+        except BaseException:
+            await session.close()
+            raise
+        await session.run_sync(Session.close)
+        if row is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"user {user_id} not found")
+        user_id, username, email, display_name, bio, created, updated, deleted, version = row
+        user = user_pb2.User(
+            id=user_id,
+            username=username,
+            email=email,
+            display_name=display_name,
+            bio=bio,
+            create_time=_ts(created),
+            update_time=_ts(updated),
+            etag=f"v{version}",
+        )
+        if deleted is not None:
+            user.delete_time.CopyFrom(_ts(deleted))
+        return user.SerializeToString()
+
+
 def _batch(rows: list[Any], tags: dict[int, list[str]]) -> post_pb2.StreamPostsResponse:
     """Posts built in place (`posts.add`, timestamps set field by field): building each
     Timestamp and Post separately and copying them in costs about 2.5x as much."""
@@ -121,20 +175,21 @@ def _batch(rows: list[Any], tags: dict[int, list[str]]) -> post_pb2.StreamPostsR
     return response
 
 
-async def serve(port: int, database_url: str) -> None:
+async def serve(port: int, database_url: str, get_user_kind: str, pool_size: int) -> None:
     from service.config import Settings
     from service.server import server_options
 
+    settings = Settings(database_url=database_url)
     ceilings = Ceilings(asyncpg_dsn(database_url))
     await ceilings.start()
-    server = grpc.aio.server(
-        options=server_options(Settings(database_url=database_url), reuse_port=False)
-    )
+    floor = SessionFloor(database_url, pool_size) if get_user_kind == "session" else None
+    get_user = ceilings.get_user if floor is None else floor.get_user
+    server = grpc.aio.server(options=server_options(settings, reuse_port=False))
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(
                 "blog.v1.UserService",
-                {"GetUser": grpc.unary_unary_rpc_method_handler(ceilings.get_user)},
+                {"GetUser": grpc.unary_unary_rpc_method_handler(get_user)},
             ),
             grpc.method_handlers_generic_handler(
                 "blog.v1.PostService",
@@ -153,14 +208,18 @@ async def serve(port: int, database_url: str) -> None:
         )
     finally:
         await ceilings.close()
+        if floor is not None:
+            await floor.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--database-url", required=True)
+    parser.add_argument("--get-user", choices=("echo", "session"), default="echo")
+    parser.add_argument("--pool-size", type=int, default=32)
     args = parser.parse_args()
-    uvloop.run(serve(args.port, args.database_url))
+    uvloop.run(serve(args.port, args.database_url, args.get_user, args.pool_size))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ ORDER = (
     "sqlalchemy",
     "echo",
     "naive",
+    "session_floor",
     "get_user",
     "get_user_observed",
     "list_posts",
@@ -154,6 +155,19 @@ class Runner:
         elif kind == "ceiling":
             args = procs.python(
                 "-m", "bench.ceiling_server", "--port", str(port), "--database-url", self.db.url
+            )
+        elif kind == "floor":
+            args = procs.python(
+                "-m",
+                "bench.ceiling_server",
+                "--port",
+                str(port),
+                "--database-url",
+                self.db.url,
+                "--get-user",
+                "session",
+                "--pool-size",
+                SERVICE_ENV["DB_POOL_SIZE"],
             )
         elif kind == "naive":
             args = procs.python(
@@ -587,6 +601,16 @@ class Runner:
             ceiling="echo",
             naive=False,
             short="naive twin",
+        )
+
+    def s_session_floor(self) -> None:
+        self.unary(
+            "session_floor",
+            "Ceiling: GetUser with an AsyncSession per call, nothing else",
+            "floor",
+            "get_user",
+            {"users": self.p.users},
+            short="session floor",
         )
 
     def s_get_user(self) -> None:
