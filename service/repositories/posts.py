@@ -275,10 +275,11 @@ _CREATE = _create_statement()
 def _linking(post: Any | None) -> Any:
     """A post's tags linked (PostgreSQL), as a CTE with a row per link: the names bound
     as `names`, the missing tags created (ON CONFLICT DO NOTHING: a concurrent creator
-    wins), the existing ones found, and a link to each from the post bound as `post_id`,
-    or from the row `post` (an inserting CTE) returns. The caller compares the links with the names:
-    a tag another transaction committed while this waited on its insert is invisible to
-    this statement's snapshot, so it is neither created nor found (`_link_tags`)."""
+    wins), the existing ones found, and a link to each from the post bound as
+    `post_id`, or from the row that `post` (an inserting CTE) returns. The caller
+    compares the links with the names: a tag another transaction committed while this
+    waited on its insert is invisible to this statement's snapshot, so it is neither
+    created nor found (`_link_rest` links it)."""
     tags = tags_table.c
     wanted = (
         select(func.unnest(bindparam("names", type_=ARRAY(String))).label("name"))

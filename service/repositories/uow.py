@@ -59,20 +59,17 @@ class Store:
     ) -> None:
         self._database = database
         self._on_error = on_error
-        # How a unit of work that ended well finishes its session in one step, by mode
-        # (None: commit, then AsyncSession's shielded close). See UnitOfWork.__aexit__.
+        # How a unit of work that ended well finishes its session in one step, by mode:
+        # on PostgreSQL only (see UnitOfWork.__aexit__); None is a commit, then
+        # AsyncSession's shielded close.
+        postgres = database.engine.dialect.name == "postgresql"
+        transaction = _commit_and_close if postgres else None
+        read = Session.close if postgres and not is_pooled(database.read_engine) else transaction
         self._finish: dict[Mode, Callable[[Session], None] | None] = {
-            "write": None,
-            "read": None,
-            "snapshot": None,
+            "write": transaction,
+            "read": read,
+            "snapshot": transaction,
         }
-        if database.engine.dialect.name == "postgresql":
-            pooled = is_pooled(database.read_engine)
-            self._finish = {
-                "write": _commit_and_close,
-                "read": _commit_and_close if pooled else Session.close,
-                "snapshot": _commit_and_close,
-            }
 
     def unit_of_work(self, mode: Mode = "write") -> UnitOfWork:
         """A unit of work in one of three modes (db/engine.py: SessionFactories): `write`
