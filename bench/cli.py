@@ -211,7 +211,10 @@ def main(argv: list[str] | None = None) -> None:
                 + " METRICS_LISTEN=127.0.0.1:(a free port) (other settings default): metrics "
                 "and the JSON access log on, as deploy/ runs it, except where GetUser is "
                 "measured with both off beside it. Ceiling servers use the service's "
-                "`server_options`; the naive twin uses grpc and SQLAlchemy defaults.",
+                "`server_options`; the naive twin uses grpc and SQLAlchemy defaults; the "
+                "session floor (`bench.ceiling_server --get-user session`, DECISIONS 44) is "
+                "a GetUser with an AsyncSession per call on a pool of DB_POOL_SIZE "
+                "connections and nothing else.",
                 "Deep paging: page tokens gathered first (1,000-row strides, then 50-row "
                 "pages to row 49,950); page 1 and page 1000 each measured with one call in "
                 f"flight for {profile.page_duration:g} s; the figure is p50 latency.",

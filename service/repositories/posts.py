@@ -340,20 +340,17 @@ class PostRepository:
         concurrent DeleteUser cannot slip in before the commit (SQLite: BEGIN IMMEDIATE
         serialises the writers already); no row inserted means no live author."""
         params = {"author_id": author_id, "title": title, "body": body, "now": utcnow()}
-        if tags and is_postgres(self._session):
-            # The post and its tag links in one statement: a round trip fewer.
-            row = (
-                await self._session.execute(_CREATE_TAGGED, {**params, "names": list(tags)})
-            ).first()
-            if row is None:
-                raise author_not_live(author_id)
-            if row.linked != len(set(tags)):
-                await self._link_rest(row.id, names=tags)
-            return row
-        row = (await self._session.execute(_CREATE, params)).first()
+        # PostgreSQL: the post and its tag links in one statement, a round trip fewer.
+        together = bool(tags) and is_postgres(self._session)
+        if together:
+            params["names"] = list(tags)
+        row = (await self._session.execute(_CREATE_TAGGED if together else _CREATE, params)).first()
         if row is None:
             raise author_not_live(author_id)
-        await self._link_tags(row.id, names=tags)
+        if not together:
+            await self._link_tags(row.id, names=tags)
+        elif row.linked != len(set(tags)):
+            await self._link_rest(row.id, names=tags)
         return row
 
     async def update(
